@@ -1,0 +1,10 @@
+"""fastbert's ops. Each has a CUDA kernel (csrc/<op>/), a pure-PyTorch twin, and autograd."""
+from fastbert.ops.attention import attention
+from fastbert.ops.cross_entropy import cross_entropy
+from fastbert.ops.gather import gather, pad_input, scatter, unpad_input
+from fastbert.ops.layernorm import layer_norm
+
+# Every op declared in csrc/bindings.cpp, as torch.ops.fastbert.<name>.
+OP_NAMES = ["gather_rows", "scatter_rows"]
+
+__all__ = ["OP_NAMES", "attention", "cross_entropy", "gather", "scatter", "unpad_input", "pad_input", "layer_norm"]

@@ -1,0 +1,128 @@
+"""gather: rows of a [tokens, hidden] tensor picked by a 1-d index, and its inverse.
+
+`gather(x, index)` returns x[index] (the masked-token gather of the MLM head); its backward is
+`scatter(grad, index, rows)`, which writes each row back to its place and zeros elsewhere
+(indices unique, so no atomics). `unpad_input`/`pad_input` move a padded [batch, seq, hidden]
+batch to packed real tokens and back with the same two ops.
+
+The CUDA kernels live in csrc/gather/; the pure-PyTorch twins below are the reference and the
+CPU implementation of the registered ops.
+"""
+import torch
+
+from fastbert import _backend, _validate
+
+# ----------------------------------------------------------------------------- twins
+
+
+def gather_rows_twin(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.index_select(0, index)
+
+
+def scatter_rows_twin(src: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    out = src.new_zeros((num_rows, src.shape[1]))
+    out[index] = src
+    return out
+
+
+# ----------------------------------------------------------------------------- registration
+
+if _backend.has_op("gather_rows"):
+    torch.library.register_kernel("fastbert::gather_rows", "cpu", gather_rows_twin)
+    torch.library.register_kernel("fastbert::scatter_rows", "cpu", scatter_rows_twin)
+
+    @torch.library.register_fake("fastbert::gather_rows")
+    def _gather_rows_fake(x, index):
+        return x.new_empty((index.shape[0], x.shape[1]))
+
+    @torch.library.register_fake("fastbert::scatter_rows")
+    def _scatter_rows_fake(src, index, num_rows):
+        return src.new_empty((num_rows, src.shape[1]))
+
+    def _gather_setup(ctx, inputs, output):
+        x, index = inputs
+        ctx.save_for_backward(index)
+        ctx.num_rows = x.shape[0]
+
+    def _gather_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return torch.ops.fastbert.scatter_rows(grad, index, ctx.num_rows), None
+
+    def _scatter_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def _scatter_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return torch.ops.fastbert.gather_rows(grad, index), None, None
+
+    torch.library.register_autograd("fastbert::gather_rows", _gather_backward, setup_context=_gather_setup)
+    torch.library.register_autograd("fastbert::scatter_rows", _scatter_backward, setup_context=_scatter_setup)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check(name, x, index, rows, check_range):
+    _validate.tensor(name, x, ndim=2)
+    _validate.integer("index", index)
+    if index.dtype not in _validate.INDEX_DTYPES:
+        raise TypeError(f"index must be int64 or int32, got {str(index.dtype).replace('torch.', '')}")
+    if index.dim() != 1:
+        raise ValueError(f"index must be 1-d, got shape {tuple(index.shape)}")
+    if index.device != x.device:
+        raise ValueError(f"index is on {index.device} but {name} is on {x.device}")
+    if check_range:
+        _validate.in_range("index", index, 0, rows)
+
+
+def gather(x: torch.Tensor, index: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+    """x[index] for a 2-d x and a 1-d index of unique rows; differentiable in x.
+
+    check=False skips the range check (one host sync); only for indices you built yourself.
+    """
+    _check("x", x, index, x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 0, check)
+    if check and x.requires_grad:
+        _validate.unique("index", index)
+    if _backend.use_kernel("gather_rows", x, index):
+        return torch.ops.fastbert.gather_rows(x, index)
+    return gather_rows_twin(x, index.long())
+
+
+def scatter(src: torch.Tensor, index: torch.Tensor, num_rows: int, *, check: bool = True) -> torch.Tensor:
+    """A [num_rows, hidden] tensor of zeros with row index[i] set to src[i]; index unique."""
+    if not isinstance(num_rows, int) or num_rows < 0:
+        raise ValueError(f"num_rows must be a non-negative int, got {num_rows!r}")
+    _check("src", src, index, num_rows, check)
+    if src.shape[0] != index.shape[0]:
+        raise ValueError(f"src has {src.shape[0]} rows but index has {index.shape[0]} entries; expected equal")
+    if check:
+        _validate.unique("index", index)
+    if _backend.use_kernel("scatter_rows", src, index):
+        return torch.ops.fastbert.scatter_rows(src, index, num_rows)
+    return scatter_rows_twin(src, index.long(), num_rows)
+
+
+def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor):
+    """Packed real tokens of a padded batch.
+
+    hidden [batch, seq, ...] and attention_mask [batch, seq] (1 = token, 0 = padding) give
+    (packed [tokens, ...], indices [tokens] into batch*seq, cu_seqlens int32 [batch+1], max_seqlen).
+    """
+    _validate.tensor("hidden", hidden, ndim=(3, 4))
+    if attention_mask.shape != hidden.shape[:2]:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {tuple(hidden.shape[:2])}")
+    mask = attention_mask.bool()
+    seqlens = mask.sum(dim=1, dtype=torch.int32)
+    indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
+    max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    rows = hidden.reshape(hidden.shape[0] * hidden.shape[1], -1)
+    packed = gather(rows, indices, check=False)
+    return packed.reshape(-1, *hidden.shape[2:]), indices, cu_seqlens, max_seqlen
+
+
+def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Inverse of unpad_input: [tokens, ...] back to [batch, seq, ...] with zeros at padding."""
+    rows = packed.reshape(packed.shape[0], -1)
+    out = scatter(rows, indices, batch * seqlen, check=False)
+    return out.reshape(batch, seqlen, *packed.shape[1:])
