@@ -126,3 +126,32 @@ def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: i
     rows = packed.reshape(packed.shape[0], -1)
     out = scatter(rows, indices, batch * seqlen, check=False)
     return out.reshape(batch, seqlen, *packed.shape[1:])
+
+
+# ----------------------------------------------------------------------------- self-check
+
+
+def selfcheck(device):
+    """Kernel vs twin vs fp32 reference on fresh random inputs (see fastbert/ops/_check.py)."""
+    from fastbert import _backend
+    from fastbert.ops._check import compare, poisoned_outputs
+
+    results = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for rows, hidden, picked in ((7, 96, 3), (1000, 768, 150), (1, 1000, 1), (33, 1001, 17)):
+            # non-contiguous rows: a column slice of a wider tensor
+            base = torch.randn(rows, hidden + 5, device=device, dtype=dtype)
+            x = base[:, 2:hidden + 2]
+            index = torch.randperm(rows, device=device)[:picked]
+            grad = torch.randn(picked, hidden, device=device, dtype=dtype)
+            ref = x.float()[index]
+            ref_back = torch.zeros(rows, hidden, device=device).index_copy_(0, index, grad.float())
+            with poisoned_outputs():
+                with _backend.kernels(True):
+                    k_fwd, k_back = gather(x, index), scatter(grad, index, rows)
+                with _backend.kernels(False):
+                    t_fwd, t_back = gather(x, index), scatter(grad, index, rows)
+            case = f"rows={rows} hidden={hidden} picked={picked}"
+            results.append(compare("gather", case, dtype, k_fwd, t_fwd, ref))
+            results.append(compare("scatter", case, dtype, k_back, t_back, ref_back))
+    return results
