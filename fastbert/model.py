@@ -1,0 +1,414 @@
+"""BERT, read top to bottom: embeddings, self-attention, the post-LN block, the encoder, the
+pooler, the heads, and the two models users call (BertModel, BertForPreTraining).
+
+Module and parameter names are transformers' own, so state_dicts are interchangeable. The math
+runs through fastbert.ops, which picks a CUDA kernel or its pure-PyTorch twin at call time.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastbert import _validate, ops
+from fastbert.config import BertConfig
+
+# ----------------------------------------------------------------------------- outputs
+
+
+class ModelOutput:
+    """Attribute access like transformers' outputs; `out[0]` indexes the fields that are set."""
+
+    def to_tuple(self):
+        return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
+
+    def keys(self):
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+
+@dataclass
+class BaseModelOutputWithPooling(ModelOutput):
+    last_hidden_state: torch.Tensor = None
+    pooler_output: torch.Tensor = None
+    hidden_states: tuple = None  # embeddings output + every layer's, when asked for
+
+
+@dataclass
+class BertForPreTrainingOutput(ModelOutput):
+    loss: torch.Tensor = None  # mlm_loss + nsp_loss
+    prediction_logits: torch.Tensor = None  # [batch, seq, vocab]; with labels, [labelled tokens, vocab]
+    seq_relationship_logits: torch.Tensor = None  # [batch, 2]
+    hidden_states: tuple = None
+    mlm_loss: torch.Tensor = None
+    nsp_loss: torch.Tensor = None
+    masked_positions: torch.Tensor = None  # flat indices into batch*seq of the rows in prediction_logits
+
+
+# ----------------------------------------------------------------------------- activations
+
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact, erf-based, as BERT
+    "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3)))),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+# ----------------------------------------------------------------------------- the encoder
+
+
+class BertEmbeddings(nn.Module):
+    """word + token type + position embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids, position_ids):
+        h = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        h = ops.layer_norm(h, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+                           residual=self.position_embeddings(position_ids).expand_as(h))
+        return self.dropout(h)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, hidden, attention_mask):
+        heads = (*hidden.shape[:-1], self.num_attention_heads, self.attention_head_size)
+        q, k, v = (proj(hidden).view(heads) for proj in (self.query, self.key, self.value))
+        out = ops.attention(q, k, v, attention_mask, dropout_p=self.dropout_p, training=self.training)
+        return out.reshape(hidden.shape)
+
+
+class BertSelfOutput(nn.Module):
+    """dense, dropout, then LayerNorm(· + the block's input): the post-LN residual."""
+
+    def __init__(self, config, in_features):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden, residual):
+        h = self.dropout(self.dense(hidden))
+        return ops.layer_norm(h, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, residual=residual)
+
+
+class BertOutput(BertSelfOutput):
+    """The feed-forward's second half: the same dense + dropout + residual LayerNorm."""
+
+    def __init__(self, config):
+        super().__init__(config, config.intermediate_size)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config, config.hidden_size)
+
+    def forward(self, hidden, attention_mask):
+        return self.output(self.self(hidden, attention_mask), hidden)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, hidden):
+        return self.intermediate_act_fn(self.dense(hidden))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden, attention_mask):
+        attended = self.attention(hidden, attention_mask)
+        return self.output(self.intermediate(attended), attended)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, hidden, attention_mask, output_hidden_states=False):
+        all_hidden = [hidden] if output_hidden_states else None
+        for layer in self.layer:
+            hidden = layer(hidden, attention_mask)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+        return hidden, (tuple(all_hidden) if output_hidden_states else None)
+
+
+class BertPooler(nn.Module):
+    """tanh(dense(hidden of [CLS])): the sentence vector NSP classifies."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden):
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+# ----------------------------------------------------------------------------- the heads
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACTIVATIONS[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden):
+        h = self.transform_act_fn(self.dense(hidden))
+        return ops.layer_norm(h, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+
+
+class BertLMPredictionHead(nn.Module):
+    """transform, then a decoder whose weight is the word embedding matrix (tied) plus a bias."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, hidden):
+        return self.decoder(self.transform(hidden))
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+# ----------------------------------------------------------------------------- the models
+
+
+class BertPreTrainedModel(nn.Module):
+    """Weights init as transformers, and from_pretrained/save_pretrained in its file format."""
+
+    base_model_prefix = "bert"
+    # state_dict keys that alias another parameter; not written by save_pretrained
+    _tied_weights_keys = ()
+
+    def __init__(self, config):
+        super().__init__()
+        if not isinstance(config, BertConfig):
+            raise TypeError(f"config must be a fastbert.BertConfig, got {type(config).__name__}")
+        self.config = config
+        self.check_inputs = True  # validate ids and labels (one host sync per tensor) before any kernel
+
+    def init_weights(self):
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, BertLMPredictionHead):
+                nn.init.zeros_(module.bias)
+        self.tie_weights()
+
+    def tie_weights(self):
+        pass
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory):
+        from fastbert import checkpoint
+        checkpoint.save_model(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, path, *, config=None, map_location="cpu", **config_overrides):
+        """Load a model directory written by fastbert or transformers (config.json plus
+        model.safetensors, a sharded safetensors index, or pytorch_model.bin)."""
+        from fastbert import checkpoint
+        return checkpoint.load_model(cls, path, config=config, map_location=map_location, **config_overrides)
+
+
+class BertModel(BertPreTrainedModel):
+    def __init__(self, config, add_pooling_layer=True):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.init_weights()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                output_hidden_states=False, return_dict=True):
+        input_ids, attention_mask, token_type_ids, position_ids = self._prepare_inputs(
+            input_ids, attention_mask, token_type_ids, position_ids)
+        hidden = self.embeddings(input_ids, token_type_ids, position_ids)
+        hidden, all_hidden = self.encoder(hidden, attention_mask, output_hidden_states)
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        out = BaseModelOutputWithPooling(hidden, pooled, all_hidden)
+        return out if return_dict else out.to_tuple()
+
+    def _prepare_inputs(self, input_ids, attention_mask, token_type_ids, position_ids):
+        """Defaults as transformers, and every check that must happen before a kernel sees the ids."""
+        c = self.config
+        _validate.integer("input_ids", input_ids)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-d [batch, seq], got shape {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        if seq > c.max_position_embeddings:
+            raise ValueError(f"input_ids has {seq} positions but the model holds max_position_embeddings="
+                             f"{c.max_position_embeddings}; truncate the sequences")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif tuple(attention_mask.shape) != (batch, seq):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(batch, seq)}, "
+                             "the shape of input_ids")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        else:
+            _validate.integer("token_type_ids", token_type_ids)
+            if tuple(token_type_ids.shape) != (batch, seq):
+                raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}; expected {(batch, seq)}")
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        else:
+            _validate.integer("position_ids", position_ids)
+            position_ids = position_ids.expand(batch, seq) if position_ids.shape[-1] == seq else position_ids
+            if tuple(position_ids.shape) != (batch, seq):
+                raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected {(batch, seq)}")
+        if self.check_inputs:
+            _validate.in_range("input_ids", input_ids, 0, c.vocab_size)
+            _validate.in_range("token_type_ids", token_type_ids, 0, c.type_vocab_size)
+            _validate.in_range("position_ids", position_ids, 0, c.max_position_embeddings)
+        return input_ids, attention_mask, token_type_ids, position_ids
+
+
+class BertForPreTraining(BertPreTrainedModel):
+    """BertModel with the MLM and NSP heads; loss = mean MLM cross-entropy + mean NSP cross-entropy.
+
+    With `labels`, the MLM head runs only at the labelled positions (gathered), and
+    `prediction_logits` holds those rows, [labelled tokens, vocab], in the order of
+    `masked_positions` (flat indices into batch*seq). Without labels it is [batch, seq, vocab].
+    """
+
+    _tied_weights_keys = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config)
+        self.init_weights()
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings and hasattr(self, "cls"):
+            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        if hasattr(self, "cls"):
+            self.cls.predictions.decoder.bias = self.cls.predictions.bias
+
+    def get_input_embeddings(self):
+        return self.bert.embeddings.word_embeddings
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                next_sentence_label=None, output_hidden_states=False, return_dict=True, masked_positions=None):
+        self.bert.check_inputs = self.check_inputs
+        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        hidden, pooled = base.last_hidden_state, base.pooler_output
+        nsp_logits = self.cls.seq_relationship(pooled)
+
+        mlm_loss = nsp_loss = None
+        if labels is not None:
+            masked_positions = self._masked_positions(labels, masked_positions, input_ids.shape)
+            rows = ops.gather(hidden.reshape(-1, hidden.shape[-1]), masked_positions, check=False)
+            logits = self.cls.predictions(rows)
+            mlm_loss = ops.cross_entropy(logits, labels.reshape(-1)[masked_positions], check=False)
+        else:
+            logits = self.cls.predictions(hidden)
+        if next_sentence_label is not None:
+            self._check_nsp_labels(next_sentence_label, input_ids.shape[0])
+            nsp_loss = ops.cross_entropy(nsp_logits, next_sentence_label.reshape(-1), check=False)
+
+        parts = [l for l in (mlm_loss, nsp_loss) if l is not None]
+        loss = sum(parts[1:], parts[0]) if parts else None
+        out = BertForPreTrainingOutput(loss, logits, nsp_logits, base.hidden_states, mlm_loss, nsp_loss,
+                                       masked_positions if labels is not None else None)
+        return out if return_dict else out.to_tuple()
+
+    def _masked_positions(self, labels, masked_positions, shape):
+        _validate.integer("labels", labels)
+        if tuple(labels.shape) != tuple(shape):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}; expected {tuple(shape)}, the shape of input_ids")
+        flat = labels.reshape(-1)
+        if self.check_inputs:
+            _validate.in_range("labels", flat, 0, self.config.vocab_size, allowed=(-100,))
+        if masked_positions is None:
+            return torch.nonzero(flat != -100).flatten()
+        _validate.integer("masked_positions", masked_positions)
+        if masked_positions.dim() != 1:
+            raise ValueError(f"masked_positions must be 1-d, got shape {tuple(masked_positions.shape)}")
+        if self.check_inputs:
+            _validate.in_range("masked_positions", masked_positions, 0, flat.numel())
+            labelled = flat != -100
+            if int(labelled.sum()) != masked_positions.numel() or not bool(labelled[masked_positions].all()):
+                raise ValueError("masked_positions must list exactly the positions whose label is not -100")
+        return masked_positions.long()
+
+    def _check_nsp_labels(self, next_sentence_label, batch):
+        _validate.integer("next_sentence_label", next_sentence_label)
+        if next_sentence_label.numel() != batch:
+            raise ValueError(f"next_sentence_label has {next_sentence_label.numel()} entries; expected {batch}, one per sequence")
+        if self.check_inputs:
+            _validate.in_range("next_sentence_label", next_sentence_label, 0, 2)
