@@ -54,10 +54,7 @@ def has_op(name: str) -> bool:
     """True if fastbert._C declared torch.ops.fastbert.<name>."""
     if _C is None:
         return False
-    try:
-        return torch._C._dispatch_has_kernel(f"fastbert::{name}") or hasattr(torch.ops.fastbert, name)
-    except Exception:  # pragma: no cover - private API moved
-        return hasattr(torch.ops.fastbert, name)
+    return hasattr(torch.ops.fastbert, name)
 
 
 def has_cuda_kernel(name: str) -> bool:
