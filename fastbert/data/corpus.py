@@ -15,7 +15,7 @@ from pathlib import Path
 _SENTENCE_END = re.compile(r"""(?<=[.!?])(?<!\b[A-Z]\.)(?<!\be\.g\.)(?<!\bi\.e\.)(?<!\betc\.)["')\]]*\s+(?=["'(\[]?[A-Z0-9])""")
 _WIKI_TITLE = re.compile(r"^ ?= (?!=)(.*?) = ?$")
 _WIKI_HEADING = re.compile(r"^ ?(= ){2,}.*?( =){2,} ?$")
-_WIKI_DETOK = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")]
+_WIKI_DETOK = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), ("<unk>", "[UNK]")]
 
 
 @dataclass
@@ -87,7 +87,9 @@ def _looks_like_wikitext(path, text):
 
 def parse_wikitext(text):
     """WikiText: an article starts at ` = Title = `; ` = = Section = = ` headings are dropped; each
-    other non-empty line is a paragraph, split into sentences. `@-@`, `@,@`, `@.@` are undone."""
+    other non-empty line is a paragraph, split into sentences. `@-@`, `@,@`, `@.@` are undone and
+    WikiText's `<unk>` (a rare word it replaced) becomes `[UNK]`, which the tokenizer maps to its
+    [UNK] special token."""
     documents, current = [], None
     for line in text.splitlines():
         if not line.strip():

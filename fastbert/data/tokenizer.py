@@ -157,6 +157,7 @@ class Tokenizer:
                              f"{' '.join(SPECIAL_TOKENS)}")
         tk = _HFTokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
         _configure(tk, lowercase)
+        tk.add_special_tokens(SPECIAL_TOKENS)  # already in the vocab: makes "[MASK]" in text match
         result = cls(tk, lowercase=lowercase, model_max_length=max_len)
         _set_post_processor(tk)
         return result
