@@ -101,6 +101,14 @@ class Tokenizer:
         tk.train_from_iterator(texts(), trainer=trainer)
         if not seen[0] or tk.get_vocab_size() <= len(SPECIAL_TOKENS):
             raise ValueError("cannot train a tokenizer on an empty corpus: no text found")
+        # The trainer's token set is deterministic but its id order is not (hash-map iteration):
+        # renumber canonically (specials 0-4, then the rest sorted) so ids and fingerprints repeat.
+        learned = set(tk.get_vocab(with_added_tokens=True)) - set(SPECIAL_TOKENS)
+        order = SPECIAL_TOKENS + sorted(learned, key=lambda t: (t.startswith("##"), len(t), t))
+        tk = _HFTokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(order)},
+                                           unk_token="[UNK]", continuing_subword_prefix="##"))
+        _configure(tk, lowercase)
+        tk.add_special_tokens(SPECIAL_TOKENS)
         _set_post_processor(tk)
         return cls(tk, lowercase=lowercase)
 

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+
+from fastbert.data import SPECIAL_TOKENS, Tokenizer, embedded_corpus
+
+SENTENCES = [
+    "The European lobster is a species of clawed lobster from the eastern Atlantic Ocean.",
+    "Lobsters are blue in life, and only become lobster red on cooking!",
+    "Mating occurs in the summer, producing eggs which are carried by the females.",
+    "Stela 31 has been described as the greatest early Classic sculpture to survive at Tikal.",
+    "Ünïcödé accents, CJK 中文 and tabs\tare normalized by BERT's normalizer.",
+]
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return embedded_corpus().documents[:40]
+
+
+@pytest.fixture(scope="module")
+def tok(docs):
+    return Tokenizer.train(docs, vocab_size=600)
+
+
+def test_specials_and_ids(tok):
+    assert tok.pad_id == 0
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert tok.special_ids == sorted([tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id])
+    assert 500 <= tok.vocab_size <= 700
+    assert any(t.startswith("##") for t in tok.convert_ids_to_tokens(range(tok.vocab_size)))
+
+
+def test_encode_has_no_specials_and_decodes_back(tok):
+    text = "the lobster is blue"
+    ids = tok.encode(text)
+    assert ids and not set(ids) & set(tok.special_ids[:1] + [tok.cls_id, tok.sep_id])
+    assert tok.decode(ids) == text
+    assert tok.encode_batch([text, "lobster"]) == [ids, tok.encode("lobster")]
+    assert tok.encode("THE Lobster") == tok.encode("the lobster")  # lowercase by default
+
+
+def test_cased_tokenizer_keeps_case(docs):
+    cased = Tokenizer.train(docs, vocab_size=600, lowercase=False)
+    assert cased.encode("The") != cased.encode("the")
+
+
+def test_training_is_deterministic(docs, tok):
+    assert Tokenizer.train(docs, vocab_size=600).fingerprint == tok.fingerprint
+    assert Tokenizer.train(docs, vocab_size=700).fingerprint != tok.fingerprint
+    assert Tokenizer.train(docs, vocab_size=600, lowercase=False).fingerprint != tok.fingerprint
+
+
+def test_save_load_round_trip_and_transformers(tok, tmp_path):
+    d = tok.save(tmp_path / "model")
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (d / name).is_file()
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    assert config["do_lower_case"] is True and config["model_max_length"] == 512
+    loaded = [Tokenizer.load(d), Tokenizer.load(d / "tokenizer.json"), Tokenizer.load(d / "vocab.txt")]
+    for other in loaded:
+        assert other.vocab_size == tok.vocab_size
+        assert other.fingerprint == tok.fingerprint
+        for s in SENTENCES + ["a [MASK] here [SEP]"]:
+            assert other.encode(s) == tok.encode(s)
+
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(str(d))
+    assert hf.pad_token_id == 0 and hf.mask_token_id == tok.mask_id
+    for s in SENTENCES:
+        assert hf(s)["input_ids"] == [tok.cls_id] + tok.encode(s) + [tok.sep_id]
+    enc = hf(SENTENCES[0], SENTENCES[1])
+    a, b = tok.encode(SENTENCES[0]), tok.encode(SENTENCES[1])
+    assert enc["input_ids"] == [tok.cls_id, *a, tok.sep_id, *b, tok.sep_id]
+    assert enc["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+
+
+def test_bad_input(tmp_path, docs):
+    with pytest.raises(ValueError, match="too small.*special"):
+        Tokenizer.train(docs, vocab_size=5)
+    with pytest.raises(ValueError, match="empty"):
+        Tokenizer.train([], vocab_size=100)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Tokenizer.load(tmp_path / "nope")
+    (tmp_path / "vocab.txt").write_text("[PAD]\nhello\n")
+    with pytest.raises(ValueError, match=r"\[UNK\]"):
+        Tokenizer.load(tmp_path / "vocab.txt")
+    (tmp_path / "v2.txt").write_text("[UNK]\n[PAD]\n[CLS]\n[SEP]\n[MASK]\nhi\n")
+    with pytest.raises(ValueError, match=r"\[PAD\] has id 1"):
+        Tokenizer.load(tmp_path / "v2.txt")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither"):
+        Tokenizer.load(tmp_path / "empty_dir")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a tokenizers JSON"):
+        Tokenizer.load(tmp_path / "bad.json")
