@@ -163,7 +163,8 @@ class MaskingCollator:
 
     def _choose_whole_words(self, input_ids, candidates, n, generator):
         """google-research/bert whole-word masking: words (a token and its "##" continuations) in
-        random order, each taken whole if it still fits in n[b] tokens."""
+        random order, each taken whole if it still fits in n[b] tokens. Unlike the original, a row
+        never ends up with no label: if no word fits, its shortest word is labelled (exceeding n)."""
         batch, seq = input_ids.shape
         cont = self._continuation[input_ids] & candidates
         starts = candidates & ~cont
@@ -182,7 +183,8 @@ class MaskingCollator:
                 words.append((s, e))
             keys = perm_keys[b, torch.tensor(start_pos)]
             budget, taken = int(n[b]), 0
-            for k in keys.argsort().tolist():
+            order = keys.argsort().tolist()
+            for k in order:
                 s, e = words[k]
                 if taken + (e - s) > budget:
                     continue
@@ -190,6 +192,9 @@ class MaskingCollator:
                 taken += e - s
                 if taken >= budget:
                     break
+            if taken == 0:  # every word is longer than the budget: label the shortest one whole
+                s, e = min((words[k] for k in order), key=lambda w: w[1] - w[0])
+                chosen[b, s:e] = True
         return chosen
 
 
