@@ -1,0 +1,80 @@
+"""`fastbert pretrain`: MLM + NSP pretraining; `--resume` continues a run; torchrun for several processes."""
+import dataclasses
+import sys
+
+HELP = "pretrain BERT with masked LM + next sentence prediction (defaults: tiny model, embedded corpus)"
+
+
+def add_arguments(p):
+    from fastbert.trainer import TrainArgs
+    d = TrainArgs()
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", action="append", metavar="PATH",
+                   help="a WikiText file, a plain-text file (one sentence per line, blank line between documents) "
+                        "or a directory of .txt files; repeatable (default: the embedded corpus)")
+    g.add_argument("--tokenizer", metavar="PATH", help="vocab.txt, tokenizer.json or a model directory (default: train one)")
+    g.add_argument("--vocab-size", type=int, metavar="N", help=f"size of the WordPiece vocabulary to train (default {d.vocab_size})")
+    g.add_argument("--seq-len", type=int, metavar="N", help=f"sequence length (default {d.seq_len})")
+    g.add_argument("--phase2-seq-len", type=int, metavar="N", help="two-phase schedule: train the last steps at this length")
+    g.add_argument("--phase2-fraction", type=float, metavar="F", help=f"fraction of steps in phase 2 (default {d.phase2_fraction})")
+    g.add_argument("--dupe-factor", type=int, metavar="N", help=f"passes of pair creation over the corpus (default {d.dupe_factor})")
+    g.add_argument("--whole-word-mask", action="store_const", const=True, help="mask whole words")
+    g.add_argument("--num-workers", type=int, metavar="N", help="DataLoader worker processes (default 0)")
+    g.add_argument("--cache-dir", metavar="DIR", help="cache of tokenizers and tokenized corpora (default ~/.cache/fastbert)")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", choices=["tiny", "mini", "small", "base", "large"], help=f"model size (default {d.preset})")
+    g.add_argument("--config", metavar="FILE", help="a config.json instead of a preset")
+    g.add_argument("--init", metavar="DIR", help="continue from a pretrained model directory")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, metavar="N", help=f"sequences per micro-batch per process (default {d.batch_size})")
+    g.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--warmup", type=int, metavar="N", help=f"warmup steps (default {d.warmup})")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
+    g.add_argument("--max-grad-norm", type=float, help=f"gradient clipping (default {d.max_grad_norm})")
+    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda if visible, else cpu")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--out", metavar="DIR", help=f"run directory (default {d.out})")
+    g.add_argument("--log-every", type=int, metavar="N", help=f"steps between metrics lines (default {d.log_every})")
+    g.add_argument("--eval-every", type=int, metavar="N", help=f"steps between held-out evaluations (default {d.eval_every})")
+    g.add_argument("--save-every", type=int, metavar="N", help=f"steps between checkpoints (default {d.save_every})")
+    g.add_argument("--stop-at-step", type=int, metavar="N", help="stop after step N with a checkpoint (resume later)")
+    g.add_argument("--resume", action="store_const", const=True, help="continue the run in --out from its checkpoint")
+    g.add_argument("--overwrite", action="store_const", const=True, help="replace the run in --out")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+
+
+def run(args):
+    from fastbert.cli import CLIError
+    from fastbert.trainer import TrainArgs, TrainingError, pretrain
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs)
+             if getattr(args, f.name, None) is not None}
+    try:
+        summary = pretrain(TrainArgs(**given))
+    except TrainingError as e:
+        raise CLIError(str(e)) from None
+    print(format_summary(summary), file=sys.stderr)
+    return 130 if summary["interrupted"] and summary["step"] < (summary.get("stop_at") or summary["steps"]) else 0
+
+
+def format_summary(s):
+    lines = []
+    state = "stopped" if s["interrupted"] else "finished"
+    lines.append(f"fastbert pretrain {state} at step {s['step']}/{s['steps']} after {s['seconds']:.0f} s "
+                 f"({s['parameters'] / 1e6:.1f}M parameters, {s['device']}, {s['precision']}, "
+                 f"{s['world_size']} process{'es' if s['world_size'] > 1 else ''})")
+    if s.get("loss") is not None:
+        first = f"{s['first_loss']:.3f} -> " if s.get("first_loss") is not None else ""
+        lines.append(f"  train loss {first}{s['loss']:.3f} (MLM {s['mlm_loss']:.3f}), "
+                     f"{s['tokens_per_s']:,.0f} tokens/s")
+    if s.get("eval_mlm_loss") is not None:
+        lines.append(f"  held-out: MLM loss {s['eval_mlm_loss']:.3f}, MLM accuracy {s['eval_mlm_accuracy']:.1%}, "
+                     f"NSP accuracy {s['eval_nsp_accuracy']:.1%}")
+    lines.append(f"  outputs in {s['out']}: model/ (transformers format), metrics.jsonl, training.png, checkpoint.pt")
+    if s["interrupted"]:
+        lines.append(f"  continue with: fastbert pretrain --out {s['out']} --resume")
+    return "\n".join(lines)
