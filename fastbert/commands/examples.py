@@ -155,4 +155,12 @@ def render(rows, tokenizer, *, width=100, header=()):
         lines.append(f"  NSP target: {'NotNext (1)' if nsp else 'IsNext (0)'}, predicted from the [CLS] position")
         lines.append(f"  loss = mean cross-entropy over the {labelled} labelled tokens (MLM) "
                      f"+ cross-entropy of IsNext/NotNext from [CLS] (NSP)")
-    return "\n".join(lines) + "\n"
+    import textwrap
+    wrapped = []
+    for line in lines:
+        if len(line) > width and "│" not in line:
+            indent = " " * (len(line) - len(line.lstrip()))
+            wrapped += textwrap.wrap(line, width, subsequent_indent=indent + "  ") or [line]
+        else:
+            wrapped.append(line)
+    return "\n".join(wrapped) + "\n"
