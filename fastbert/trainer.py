@@ -71,6 +71,8 @@ class TrainArgs:
     # what a resumed run may change; everything else comes from the checkpoint
     RESUMABLE = ("steps", "log_every", "eval_every", "save_every", "stop_at_step", "num_workers",
                  "progress", "device", "out", "resume", "overwrite", "cache_dir")
+    # per invocation: never taken from the checkpoint
+    PER_RUN = ("stop_at_step", "resume", "overwrite", "out", "progress", "num_workers", "device", "cache_dir")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -207,17 +209,26 @@ class _From(torch.utils.data.Sampler):
 
 
 def batch_stream(batches, start, num_workers):
+    # its own generator: starting a DataLoader draws a base seed, which must not move the global
+    # RNG (dropout), or a resumed run would diverge from a straight one
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=_From(start), num_workers=num_workers,
-                                         collate_fn=lambda b: b)
+                                         collate_fn=_identity, generator=torch.Generator().manual_seed(start))
     return iter(loader)
+
+
+def _identity(batch):
+    return batch
 
 
 # ----------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
-    def __init__(self, args: TrainArgs):
+    def __init__(self, args: TrainArgs, given=None):
+        """`given`: names of the fields the user set (the rest are defaults); with --resume the
+        checkpoint's settings win over defaults, and settings that cannot change are refused."""
         self.a = args
+        self.given = set(given) if given is not None else {f.name for f in dataclasses.fields(TrainArgs)}
         self.world, self.rank, self.local_rank = _distributed()
         self.main = self.rank == 0
         self.out = Path(args.out)
@@ -250,9 +261,15 @@ class Trainer:
                                 f"{' '.join(str(e).split())[:200]})") from None
         if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
             raise TrainingError(f"{path} is not a fastbert checkpoint (no model/args entries)")
-        # the run's own settings, except what a resumed run may change
-        saved = {k: v for k, v in ckpt["args"].items() if k not in TrainArgs.RESUMABLE}
-        self.a = dataclasses.replace(self.a, **saved)
+        saved = ckpt["args"]
+        changed = sorted(k for k in self.given - set(TrainArgs.RESUMABLE)
+                         if k in saved and saved[k] != getattr(self.a, k))
+        if changed:
+            raise TrainingError(f"--resume continues the run as it was set up; {', '.join('--' + k.replace('_', '-') for k in changed)} "
+                                f"cannot change (only {', '.join('--' + k.replace('_', '-') for k in TrainArgs.RESUMABLE if k not in ('resume', 'out'))} can)")
+        keep = {k for k in TrainArgs.PER_RUN} | (self.given & set(TrainArgs.RESUMABLE))
+        self.a = dataclasses.replace(self.a, **{k: v for k, v in saved.items()
+                                                if k not in keep and k in TrainArgs.__dataclass_fields__})
         check_args(self.a)
         return ckpt
 
@@ -532,6 +549,7 @@ class Trainer:
         elapsed = time.perf_counter() - start_time
         last = self.records[-1] if self.records else {}
         return {"step": self.step, "steps": self.a.steps, "interrupted": interrupted or self.step < self.a.steps,
+                "stopped_as_asked": not interrupted and self.step == self.a.stop_at_step,
                 "seconds": elapsed, "steps_run": self.step - start_step, "out": str(self.out),
                 "first_loss": next((r["loss"] for r in self.records if "loss" in r), None),
                 "loss": last.get("loss"), "mlm_loss": last.get("mlm_loss"), **(last_eval or {}),
@@ -547,9 +565,9 @@ class _null:
         return False
 
 
-def pretrain(args: TrainArgs):
-    """Run (or resume) a pretraining run; returns a summary dict."""
-    trainer = Trainer(args)
+def pretrain(args: TrainArgs, given=None):
+    """Run (or resume) a pretraining run; returns a summary dict. `given`: see Trainer."""
+    trainer = Trainer(args, given)
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):  # a scheduler's SIGTERM is handled like Ctrl-C: save, then stop

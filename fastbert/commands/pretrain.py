@@ -54,11 +54,11 @@ def run(args):
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs)
              if getattr(args, f.name, None) is not None}
     try:
-        summary = pretrain(TrainArgs(**given))
+        summary = pretrain(TrainArgs(**given), given=set(given))
     except TrainingError as e:
         raise CLIError(str(e)) from None
     print(format_summary(summary), file=sys.stderr)
-    return 130 if summary["interrupted"] and summary["step"] < (summary.get("stop_at") or summary["steps"]) else 0
+    return 130 if summary["interrupted"] and not summary["stopped_as_asked"] else 0
 
 
 def format_summary(s):
