@@ -1,0 +1,77 @@
+// Flash-style fused attention for BERT (bidirectional, padding-free): plain params structs and
+// launchers, CUDA headers only. Layout: q, k, v, out are packed [total_tokens, heads, head_dim]
+// (last dim contiguous, rows/heads strided); sequence b owns tokens [cu_seqlens[b], cu_seqlens[b+1]).
+// lse is [heads, total_tokens] fp32, natural log of sum_j exp(scale * q.k_j).
+#pragma once
+#include "common.h"
+
+namespace fastbert {
+
+// Dropout on the attention probabilities: element (token t, head h, key j) of a sequence is
+// kept iff philox4x32_10(counter = {j / 4, t, h, offset}, key = {seed_lo, seed_hi})[j % 4]
+// < keep_threshold, with keep_threshold = min(floor((1 - p) * 2^32), 2^32 - 1); kept values are
+// scaled by 1 / (1 - p). t is the packed token index of the query, j the key's position in its
+// sequence. The forward, the backward and attention_dropout_mask use this one rule.
+struct AttentionDropout {
+  bool enabled;
+  uint32_t keep_threshold;
+  float keep_scale;    // 1 / (1 - p)
+  uint64_t seed;
+  uint32_t offset;
+};
+
+struct AttentionFwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;                      // [total, heads, head_dim], contiguous
+  float* lse;                     // [heads, total]
+  const int32_t* cu_seqlens;      // [batch + 1], validated by the caller
+  int64_t q_row_stride, q_head_stride;  // in elements; must be multiples of 8
+  int64_t k_row_stride, k_head_stride;
+  int64_t v_row_stride, v_head_stride;
+  int batch, heads, head_dim, max_seqlen;
+  int64_t total_tokens;
+  float scale;
+  AttentionDropout dropout;
+  DType dtype;                    // kFloat16 or kBFloat16
+  cudaStream_t stream;
+};
+
+struct AttentionBwdParams {
+  const void* dout;               // [total, heads, head_dim], contiguous
+  const void* q;
+  const void* k;
+  const void* v;
+  const float* lse;               // [heads, total], from the forward
+  const float* delta;             // [heads, total], rowsum(dout * out) in fp32
+  float* dq_accum;                // [total, heads, head_dim] fp32, zeroed by the caller
+  void* dk;                       // [total, heads, head_dim], contiguous
+  void* dv;                       // [total, heads, head_dim], contiguous
+  const int32_t* cu_seqlens;
+  int64_t q_row_stride, q_head_stride;
+  int64_t k_row_stride, k_head_stride;
+  int64_t v_row_stride, v_head_stride;
+  int batch, heads, head_dim, max_seqlen;
+  int64_t total_tokens;
+  float scale;
+  AttentionDropout dropout;
+  DType dtype;
+  cudaStream_t stream;
+};
+
+// keep[b, h, i, j] (uint8 0/1, [batch, heads, max_seqlen, max_seqlen]) of the rule above; 0
+// outside the sequence (i or j >= its length). For tests: a twin taking this mask must match.
+struct AttentionDropoutMaskParams {
+  const int32_t* cu_seqlens;
+  uint8_t* keep;
+  int batch, heads, max_seqlen;
+  AttentionDropout dropout;
+  cudaStream_t stream;
+};
+
+cudaError_t attention_fwd(const AttentionFwdParams& p);
+cudaError_t attention_bwd(const AttentionBwdParams& p);
+cudaError_t attention_dropout_mask(const AttentionDropoutMaskParams& p);
+
+}  // namespace fastbert
