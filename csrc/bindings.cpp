@@ -4,6 +4,9 @@
 // pure-PyTorch twins (as the CPU kernels).
 #include <Python.h>
 
+#include <cmath>
+#include <tuple>
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -12,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "gather/gather.h"
+#include "attention/attention.h"  // attention
 #endif
 
 // `import fastbert._C` loads this library, which registers the ops below in torch.ops.fastbert.
@@ -28,6 +32,19 @@ TORCH_LIBRARY(fastbert, m) {
   m.def("gather_rows(Tensor x, Tensor index) -> Tensor");
   // out = zeros(num_rows, hidden); out[index[i]] = src[i]; index values unique.
   m.def("scatter_rows(Tensor src, Tensor index, SymInt num_rows) -> Tensor");
+  // ---- attention (csrc/attention/): flash-style, packed varlen [total_tokens, heads, head_dim] ----
+  // out = softmax(q kᵀ·scale) v per sequence of cu_seqlens (int32 [batch+1]); lse [heads, total] fp32.
+  // Dropout on the probabilities from Philox(seed, offset); dropout_p = 0 turns it off.
+  m.def("attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale, "
+        "float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
+  // (dq, dk, dv) from the forward's out and lse; the same seed/offset regenerate the dropout mask.
+  m.def("attention_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens, int max_seqlen, float scale, float dropout_p, int seed, int offset) "
+        "-> (Tensor, Tensor, Tensor)");
+  // The dropout keep mask the two ops above use: bool [batch, heads, max_seqlen, max_seqlen].
+  m.def("attention_dropout_mask(Tensor cu_seqlens, int heads, int max_seqlen, float dropout_p, int seed, "
+        "int offset) -> Tensor");
+  // ---- end attention ----
 }
 
 #ifdef FASTBERT_WITH_CUDA
@@ -99,10 +116,164 @@ at::Tensor scatter_rows_cuda(const at::Tensor& src_in, const at::Tensor& index_i
   return out;
 }
 
+// ---- attention ----------------------------------------------------------------------------
+fastbert::AttentionDropout attention_dropout(double dropout_p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention: dropout_p must be in [0, 1), got ", dropout_p);
+  fastbert::AttentionDropout d{};
+  d.enabled = dropout_p > 0.0;
+  const double threshold = std::floor((1.0 - dropout_p) * 4294967296.0);
+  d.keep_threshold = threshold >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(threshold);
+  d.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  d.seed = static_cast<uint64_t>(seed);
+  d.offset = static_cast<uint32_t>(offset);
+  return d;
+}
+
+// Unit stride along head_dim, 16-byte aligned rows: what the kernel's vector loads need.
+at::Tensor attention_operand(const at::Tensor& x) {
+  const bool ok = x.stride(2) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  return ok ? x : x.contiguous();
+}
+
+fastbert::DType attention_dtype(const at::Tensor& q, const char* op) {
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": the CUDA kernel takes float16 or bfloat16, got ", q.scalar_type());
+  return q.scalar_type() == at::kHalf ? fastbert::DType::kFloat16 : fastbert::DType::kBFloat16;
+}
+
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cu_seqlens, int64_t max_seqlen, const char* op) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && cu_seqlens.is_cuda(), op, ": expected CUDA tensors");
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device() && cu_seqlens.device() == q.device(), op,
+              ": tensors are on different devices");
+  TORCH_CHECK(q.dim() == 3, op, ": q must be [total_tokens, heads, head_dim], got ", q.dim(), "-d");
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": q, k, v must have one shape");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must have one dtype");
+  const int64_t d = q.size(2);
+  TORCH_CHECK(d == 32 || d == 64 || d == 128, op, ": head_dim must be 32, 64 or 128, got ", d);
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1 && cu_seqlens.scalar_type() == at::kInt, op,
+              ": cu_seqlens must be a 1-d int32 tensor of batch + 1 offsets");
+  TORCH_CHECK(cu_seqlens.size(0) - 1 <= 65535 && q.size(1) <= 65535, op, ": batch and heads must be <= 65535");
+  TORCH_CHECK(q.size(0) < (int64_t(1) << 31), op, ": at most 2^31 - 1 tokens");
+  TORCH_CHECK(max_seqlen >= 0 && max_seqlen <= q.size(0), op, ": max_seqlen ", max_seqlen, " out of range");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                             const at::Tensor& v_in, const at::Tensor& cu_seqlens_in,
+                                                             int64_t max_seqlen, double scale, double dropout_p,
+                                                             int64_t seed, int64_t offset) {
+  check_attention_inputs(q_in, k_in, v_in, cu_seqlens_in, max_seqlen, "attention_varlen_fwd");
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = attention_operand(q_in), k = attention_operand(k_in), v = attention_operand(v_in);
+  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  fastbert::AttentionFwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
+  p.q_row_stride = q.stride(0), p.q_head_stride = q.stride(1);
+  p.k_row_stride = k.stride(0), p.k_head_stride = k.stride(1);
+  p.v_row_stride = v.stride(0), p.v_head_stride = v.stride(1);
+  p.batch = static_cast<int>(cu_seqlens.size(0) - 1);
+  p.heads = static_cast<int>(q.size(1));
+  p.head_dim = static_cast<int>(q.size(2));
+  p.max_seqlen = static_cast<int>(max_seqlen);
+  p.total_tokens = q.size(0);
+  p.scale = static_cast<float>(scale);
+  p.dropout = attention_dropout(dropout_p, seed, offset);
+  p.dtype = attention_dtype(q, "attention_varlen_fwd");
+  p.stream = current_stream(q);
+  FASTBERT_CHECK_CUDA(fastbert::attention_fwd(p), "attention_varlen_fwd");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_in, int64_t max_seqlen,
+    double scale, double dropout_p, int64_t seed, int64_t offset) {
+  check_attention_inputs(q_in, k_in, v_in, cu_seqlens_in, max_seqlen, "attention_varlen_bwd");
+  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out.sizes() == q_in.sizes(),
+              "attention_varlen_bwd: dout and out must have the shape of q");
+  TORCH_CHECK(dout_in.device() == q_in.device() && out.device() == q_in.device() && lse_in.device() == q_in.device(),
+              "attention_varlen_bwd: tensors are on different devices");
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 2 && lse_in.size(0) == q_in.size(1) &&
+                  lse_in.size(1) == q_in.size(0),
+              "attention_varlen_bwd: lse must be float32 [heads, total_tokens]");
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = attention_operand(q_in), k = attention_operand(k_in), v = attention_operand(v_in);
+  const at::Tensor dout = dout_in.to(q.scalar_type()).contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
+  // delta = rowsum(dout * out) in fp32, [heads, total]
+  const at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).t().contiguous();
+  at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  at::Tensor dk = at::empty(q.sizes(), q.options());
+  at::Tensor dv = at::empty(q.sizes(), q.options());
+  fastbert::AttentionBwdParams p{};
+  p.dout = dout.data_ptr();
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
+  p.q_row_stride = q.stride(0), p.q_head_stride = q.stride(1);
+  p.k_row_stride = k.stride(0), p.k_head_stride = k.stride(1);
+  p.v_row_stride = v.stride(0), p.v_head_stride = v.stride(1);
+  p.batch = static_cast<int>(cu_seqlens.size(0) - 1);
+  p.heads = static_cast<int>(q.size(1));
+  p.head_dim = static_cast<int>(q.size(2));
+  p.max_seqlen = static_cast<int>(max_seqlen);
+  p.total_tokens = q.size(0);
+  p.scale = static_cast<float>(scale);
+  p.dropout = attention_dropout(dropout_p, seed, offset);
+  p.dtype = attention_dtype(q, "attention_varlen_bwd");
+  p.stream = current_stream(q);
+  FASTBERT_CHECK_CUDA(fastbert::attention_bwd(p), "attention_varlen_bwd");
+  return {dq_accum.to(q.scalar_type()), dk, dv};
+}
+
+at::Tensor attention_dropout_mask_cuda(const at::Tensor& cu_seqlens_in, int64_t heads, int64_t max_seqlen,
+                                       double dropout_p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(cu_seqlens_in.is_cuda() && cu_seqlens_in.dim() == 1 && cu_seqlens_in.size(0) >= 1 &&
+                  cu_seqlens_in.scalar_type() == at::kInt,
+              "attention_dropout_mask: cu_seqlens must be a 1-d int32 CUDA tensor");
+  TORCH_CHECK(heads >= 0 && max_seqlen >= 0, "attention_dropout_mask: heads and max_seqlen must be >= 0");
+  c10::cuda::CUDAGuard guard(cu_seqlens_in.device());
+  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
+  const int64_t batch = cu_seqlens.size(0) - 1;
+  at::Tensor keep = at::empty({batch, heads, max_seqlen, max_seqlen}, cu_seqlens.options().dtype(at::kBool));
+  fastbert::AttentionDropoutMaskParams p{};
+  p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
+  p.keep = reinterpret_cast<uint8_t*>(keep.data_ptr<bool>());
+  p.batch = static_cast<int>(batch);
+  p.heads = static_cast<int>(heads);
+  p.max_seqlen = static_cast<int>(max_seqlen);
+  p.dropout = attention_dropout(dropout_p, seed, offset);
+  p.stream = current_stream(cu_seqlens);
+  FASTBERT_CHECK_CUDA(fastbert::attention_dropout_mask(p), "attention_dropout_mask");
+  return keep;
+}
+// ---- end attention ------------------------------------------------------------------------
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastbert, CUDA, m) {
   m.impl("gather_rows", &gather_rows_cuda);
   m.impl("scatter_rows", &scatter_rows_cuda);
+  // ---- attention ----
+  m.impl("attention_varlen_fwd", &attention_varlen_fwd_cuda);
+  m.impl("attention_varlen_bwd", &attention_varlen_bwd_cuda);
+  m.impl("attention_dropout_mask", &attention_dropout_mask_cuda);
+  // ---- end attention ----
 }
 #endif  // FASTBERT_WITH_CUDA

@@ -1,10 +1,11 @@
 """fastbert's ops. Each has a CUDA kernel (csrc/<op>/), a pure-PyTorch twin, and autograd."""
-from fastbert.ops.attention import attention
+from fastbert.ops.attention import attention, attention_varlen
 from fastbert.ops.cross_entropy import cross_entropy
 from fastbert.ops.gather import gather, pad_input, scatter, unpad_input
 from fastbert.ops.layernorm import layer_norm
 
 # Every op declared in csrc/bindings.cpp, as torch.ops.fastbert.<name>.
-OP_NAMES = ["gather_rows", "scatter_rows"]
+OP_NAMES = ["gather_rows", "scatter_rows",
+            "attention_varlen_fwd", "attention_varlen_bwd", "attention_dropout_mask"]  # attention
 
-__all__ = ["OP_NAMES", "attention", "cross_entropy", "gather", "scatter", "unpad_input", "pad_input", "layer_norm"]
+__all__ = ["OP_NAMES", "attention", "attention_varlen", "cross_entropy", "gather", "scatter", "unpad_input", "pad_input", "layer_norm"]

@@ -1,16 +1,41 @@
 """attention: BERT's bidirectional multi-head self-attention, softmax(q kᵀ·scale + mask)·v.
 
-The public entry takes a padded batch q, k, v of shape [batch, seq, heads, head_dim] and a key
-padding mask [batch, seq] (1 = token, 0 = padding). The twin below is the reference and the
-path transformers' eager attention takes: an additive mask of the dtype's minimum, so a fully
-padded row stays finite, then softmax and dropout on the probabilities.
+Two entries:
+
+* `attention(q, k, v, attention_mask)`: a padded batch q, k, v [batch, seq, heads, head_dim] and
+  a key padding mask [batch, seq] (1 = token, 0 = padding). This is what the model calls.
+* `attention_varlen(q, k, v, cu_seqlens, max_seqlen)`: the padding-free form, q, k, v packed as
+  [total_tokens, heads, head_dim], sequence b owning tokens cu_seqlens[b] .. cu_seqlens[b+1]-1.
+
+On CUDA, for float16/bfloat16 and head_dim 32, 64 or 128, both run the fused flash-style kernel
+of csrc/attention/ (the padded entry unpads with fastbert.ops.gather, runs the packed kernel and
+pads back). Anything else runs the pure-PyTorch twins below (with a one-time warning when a
+CUDA kernel exists but does not cover the shape or dtype).
+
+Padding semantics differ in one place, which the model never reads: the twin (transformers'
+eager attention, an additive mask of the dtype's minimum) gives a padded *query* row attention
+over the real keys, and a row of a fully padded sequence uniform attention over padding; the
+kernel path gives zeros at every padded position (and a packed row of an empty sequence does
+not exist). Real-token positions agree.
+
+Dropout on the probabilities in the kernel is counter-based (Philox4x32-10, see
+csrc/attention/attention.h): the keep decision for (query token, head, key) is a pure function
+of (seed, offset), so the backward regenerates the forward's mask, and `dropout_mask` (or its
+twin `dropout_keep_mask`, identical bit for bit) materializes it for tests. seed and offset are
+drawn from torch's default (CPU) generator, so `torch.manual_seed` makes a run reproducible.
 """
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastbert import _validate
+from fastbert import _backend, _validate
+
+HEAD_DIMS = (32, 64, 128)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+# ----------------------------------------------------------------------------- padded twin
 
 
 def additive_mask(attention_mask, dtype):
@@ -29,14 +54,344 @@ def attention_twin(q, k, v, attention_mask=None, dropout_p=0.0, scale=None, trai
     return torch.matmul(probs, v).transpose(1, 2)
 
 
+# ----------------------------------------------------------------------------- dropout mask twin
+
+_M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 (Random123) on numpy uint64 arrays holding 32-bit values; 4 output words."""
+    c = [np.asarray(x, dtype=np.uint64) & _U32 for x in (c0, c1, c2, c3)]
+    k0, k1 = np.uint64(k0 & 0xFFFFFFFF), np.uint64(k1 & 0xFFFFFFFF)
+    for _ in range(10):
+        p0 = c[0] * np.uint64(_M0)  # < 2^64: exact
+        p1 = c[2] * np.uint64(_M1)
+        hi0, lo0 = p0 >> np.uint64(32), p0 & _U32
+        hi1, lo1 = p1 >> np.uint64(32), p1 & _U32
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+        k0 = (k0 + np.uint64(_W0)) & _U32
+        k1 = (k1 + np.uint64(_W1)) & _U32
+    return c
+
+
+def keep_threshold(dropout_p: float) -> int:
+    return min(int(math.floor((1.0 - dropout_p) * 4294967296.0)), 0xFFFFFFFF)
+
+
+def dropout_keep_mask(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):
+    """The kernel's dropout keep mask, computed on the host: bool [batch, heads, max_seqlen, max_seqlen],
+    False outside each sequence (the twin of torch.ops.fastbert.attention_dropout_mask)."""
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    batch, n = len(cu) - 1, int(max_seqlen)
+    keep = np.zeros((batch, heads, n, n), dtype=bool)
+    thr = np.uint64(keep_threshold(dropout_p))
+    for b in range(batch):
+        length = min(cu[b + 1] - cu[b], n)
+        if length <= 0:
+            continue
+        if dropout_p <= 0.0:
+            keep[b, :, :length, :length] = True
+            continue
+        h, i, j = np.meshgrid(np.arange(heads), np.arange(length), np.arange(length), indexing="ij")
+        words = philox4x32_10(j >> 2, cu[b] + i, h, offset & 0xFFFFFFFF, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
+        pick = np.choose(j & 3, words)
+        keep[b, :, :length, :length] = pick < thr
+    return torch.from_numpy(keep).to(cu_seqlens.device)
+
+
+# ----------------------------------------------------------------------------- varlen twins
+
+
+def varlen_reference(q, k, v, cu_seqlens, scale, *, keep=None, dropout_p=0.0, training=False, compute_dtype=None):
+    """Differentiable varlen attention in plain PyTorch: (out [total, heads, dim], lse [heads, total] fp32).
+
+    keep: a [batch, heads, >=len, >=len] keep mask (the kernel's), applied with 1/(1-dropout_p);
+    without it, dropout (if training) is F.dropout. compute_dtype: e.g. torch.float32 to compute in
+    fp32 and cast back; default the input dtype.
+    """
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    dt = compute_dtype or q.dtype
+    outs, lses = [], []
+    for b in range(len(cu) - 1):
+        s, e = cu[b], cu[b + 1]
+        if e <= s:
+            continue
+        qb, kb, vb = (t[s:e].to(dt).transpose(0, 1) for t in (q, k, v))  # [heads, len, dim]
+        scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale
+        lses.append(torch.logsumexp(scores.float(), dim=-1))
+        probs = torch.softmax(scores, dim=-1)
+        if keep is not None and dropout_p > 0.0:
+            probs = probs * keep[b, :, :e - s, :e - s].to(probs.dtype) / (1.0 - dropout_p)
+        elif dropout_p > 0.0 and training:
+            probs = F.dropout(probs, p=dropout_p, training=True)
+        outs.append(torch.matmul(probs, vb).transpose(0, 1).to(q.dtype))
+    if outs:
+        return torch.cat(outs, 0), torch.cat(lses, 1)
+    return q.new_zeros(q.shape), q.new_zeros((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _keep_or_none(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):
+    if dropout_p <= 0.0:
+        return None
+    return dropout_keep_mask(cu_seqlens.cpu(), heads, max_seqlen, dropout_p, seed, offset).to(cu_seqlens.device)
+
+
+def attention_varlen_fwd_twin(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset):
+    """CPU kernel of fastbert::attention_varlen_fwd (fp32 inside, the kernel's dropout mask)."""
+    keep = _keep_or_none(cu_seqlens, q.shape[1], max_seqlen, dropout_p, seed, offset)
+    with torch.no_grad():
+        out, lse = varlen_reference(q, k, v, cu_seqlens, scale, keep=keep, dropout_p=dropout_p,
+                                    compute_dtype=torch.promote_types(q.dtype, torch.float32))
+    return out.clone(), lse.contiguous()
+
+
+def attention_varlen_bwd_twin(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset):
+    """CPU kernel of fastbert::attention_varlen_bwd: the backward written out, as the kernel does it.
+
+    P = exp(S·scale - lse); Pd = P∘Z (Z = keep / (1-p)); dV = Pdᵀ dO; dPd = dO Vᵀ;
+    dS = P∘(dPd∘Z - rowsum(dO∘O)); dQ = scale·dS K; dK = scale·dSᵀ Q.
+    """
+    keep = _keep_or_none(cu_seqlens, q.shape[1], max_seqlen, dropout_p, seed, offset)
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    dq, dk, dv = (torch.zeros(q.shape, dtype=dt, device=q.device) for _ in range(3))
+    with torch.no_grad():
+        for b in range(len(cu) - 1):
+            s, e = cu[b], cu[b + 1]
+            if e <= s:
+                continue
+            qb, kb, vb, dob, ob = (t[s:e].to(dt).transpose(0, 1) for t in (q, k, v, dout, out))
+            scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale
+            # P from the saved lse, as the kernel does (lse is fp32; in fp64 recompute it exactly)
+            lse_b = torch.logsumexp(scores, -1, keepdim=True) if dt == torch.float64 else lse[:, s:e, None].to(dt)
+            p = torch.exp(scores - lse_b)
+            z = keep[b, :, :e - s, :e - s].to(dt) / (1.0 - dropout_p) if keep is not None else torch.ones_like(p)
+            pd = p * z
+            dv[s:e] = torch.matmul(pd.transpose(-1, -2), dob).transpose(0, 1)
+            dpd = torch.matmul(dob, vb.transpose(-1, -2))
+            delta = (dob * ob).sum(-1, keepdim=True)
+            ds = p * (dpd * z - delta)
+            dq[s:e] = (scale * torch.matmul(ds, kb)).transpose(0, 1)
+            dk[s:e] = (scale * torch.matmul(ds.transpose(-1, -2), qb)).transpose(0, 1)
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+
+def attention_dropout_mask_twin(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):
+    return dropout_keep_mask(cu_seqlens.cpu(), heads, max_seqlen, dropout_p, seed, offset).to(cu_seqlens.device)
+
+
+# ----------------------------------------------------------------------------- registration
+
+if _backend.has_op("attention_varlen_fwd"):
+    torch.library.register_kernel("fastbert::attention_varlen_fwd", "cpu", attention_varlen_fwd_twin)
+    torch.library.register_kernel("fastbert::attention_varlen_bwd", "cpu", attention_varlen_bwd_twin)
+    torch.library.register_kernel("fastbert::attention_dropout_mask", "cpu", attention_dropout_mask_twin)
+
+    @torch.library.register_fake("fastbert::attention_varlen_fwd")
+    def _attention_varlen_fwd_fake(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset):
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("fastbert::attention_varlen_bwd")
+    def _attention_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset):
+        return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+    @torch.library.register_fake("fastbert::attention_dropout_mask")
+    def _attention_dropout_mask_fake(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):
+        return cu_seqlens.new_empty((cu_seqlens.shape[0] - 1, heads, max_seqlen, max_seqlen), dtype=torch.bool)
+
+    def _attention_setup(ctx, inputs, output):
+        q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.args = (max_seqlen, scale, dropout_p, seed, offset)
+
+    def _attention_backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = torch.ops.fastbert.attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens,
+                                                             *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+    torch.library.register_autograd("fastbert::attention_varlen_fwd", _attention_backward,
+                                    setup_context=_attention_setup)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_qkv(q, k, v, ndim):
+    _validate.tensor("q", q, ndim=ndim, dtypes=_validate.FLOAT_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        _validate.tensor(name, t)
+        if t.shape != q.shape:
+            raise ValueError(f"q, k, v must have one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"q, k, v must have one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+
+
+def check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens, device, *, check=True):
+    """cu_seqlens: int32 1-d [batch+1], 0 first, non-decreasing, last = total_tokens; max_seqlen
+    at least the longest sequence. check=False keeps only the checks that need no host sync."""
+    _validate.tensor("cu_seqlens", cu_seqlens, ndim=1, device=device)
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {str(cu_seqlens.dtype).replace('torch.', '')}")
+    if cu_seqlens.numel() < 1:
+        raise ValueError("cu_seqlens must hold batch + 1 >= 1 offsets, got an empty tensor")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    if not check:
+        return
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    if any(n < 0 for n in lengths):
+        i = next(i for i, n in enumerate(lengths) if n < 0)
+        raise ValueError(f"cu_seqlens must be non-decreasing, but cu_seqlens[{i + 1}] = {cu[i + 1]} < "
+                         f"cu_seqlens[{i}] = {cu[i]}")
+    if cu[-1] != total_tokens:
+        raise ValueError(f"cu_seqlens ends at {cu[-1]} but q holds {total_tokens} tokens; expected equal")
+    longest = max(lengths, default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen is {max_seqlen} but the longest sequence has {longest} tokens")
+
+
+def kernel_unsupported(q):
+    """Why the CUDA kernel cannot take q (a reason string), or None if it can."""
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {str(q.dtype).replace('torch.', '')} (the kernel takes float16 and bfloat16)"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} (the kernel takes 32, 64 and 128)"
+    return None
+
+
+def _use_kernel(q, k, v):
+    if not _backend.use_kernel("attention_varlen_fwd", q, k, v):
+        return False
+    why = kernel_unsupported(q)
+    if why is not None:
+        _backend.warn_once(f"attention:{why}", f"fastbert attention: the CUDA kernel does not cover {why}; "
+                                               "running the PyTorch twin")
+        return False
+    return True
+
+
+def _draw_seed_offset():
+    seed, offset = torch.randint(0, 2 ** 31 - 1, (2,)).tolist()  # default CPU generator: torch.manual_seed
+    return seed, offset
+
+
+def _scale_and_p(q, dropout_p, scale, training):
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return scale, (float(dropout_p) if training else 0.0)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     *, dropout_p: float = 0.0, scale: float = None, training: bool = False,
+                     check: bool = True) -> torch.Tensor:
+    """Self-attention of packed sequences: q, k, v [total_tokens, heads, head_dim] -> same shape.
+
+    cu_seqlens: int32 [batch + 1] offsets (0, len0, len0+len1, ...); max_seqlen >= every length.
+    check=False skips the checks of cu_seqlens' values (one host sync); only for offsets you built.
+    """
+    _check_qkv(q, k, v, 3)
+    check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device, check=check)
+    scale, p = _scale_and_p(q, dropout_p, scale, training)
+    if _use_kernel(q, k, v):
+        seed, offset = _draw_seed_offset() if p > 0.0 else (0, 0)
+        return torch.ops.fastbert.attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale, p, seed, offset)[0]
+    out, _ = varlen_reference(q, k, v, cu_seqlens, scale, dropout_p=p, training=p > 0.0)
+    return out
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor = None, *,
               dropout_p: float = 0.0, scale: float = None, training: bool = False) -> torch.Tensor:
-    """Self-attention of a padded batch: q, k, v [batch, seq, heads, head_dim] -> same shape."""
-    _validate.tensor("q", q, ndim=4, dtypes=_validate.FLOAT_DTYPES)
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must have one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    """Self-attention of a padded batch: q, k, v [batch, seq, heads, head_dim] -> same shape.
+
+    attention_mask [batch, seq]: 1 = token, 0 = padding. On the kernel path padded positions of the
+    output are zero (see the module docstring).
+    """
+    _check_qkv(q, k, v, 4)
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(q.shape[:2]):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {tuple(q.shape[:2])}")
-    if not 0.0 <= dropout_p < 1.0:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return attention_twin(q, k, v, attention_mask, dropout_p, scale, training)
+    if not _use_kernel(q, k, v):
+        return attention_twin(q, k, v, attention_mask, dropout_p, scale, training)
+    from fastbert.ops.gather import gather, pad_input
+
+    batch, seq, heads, dim = q.shape
+    if attention_mask is None:
+        cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
+        packed = [t.reshape(batch * seq, heads, dim) for t in (q, k, v)]
+        out = attention_varlen(*packed, cu_seqlens, seq, dropout_p=dropout_p, scale=scale, training=training,
+                               check=False)
+        return out.reshape(batch, seq, heads, dim)
+    mask = attention_mask.to(device=q.device).bool()
+    seqlens = mask.sum(dim=1, dtype=torch.int32)
+    indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
+    max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
+    cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    packed = [gather(t.reshape(batch * seq, heads * dim), indices, check=False).view(-1, heads, dim)
+              for t in (q, k, v)]
+    out = attention_varlen(*packed, cu_seqlens, max_seqlen, dropout_p=dropout_p, scale=scale, training=training,
+                           check=False)
+    return pad_input(out, indices, batch, seq)
+
+
+def dropout_mask(cu_seqlens: torch.Tensor, heads: int, max_seqlen: int, dropout_p: float, seed: int,
+                 offset: int) -> torch.Tensor:
+    """The keep mask attention_varlen_fwd uses for (seed, offset): bool [batch, heads, max_seqlen, max_seqlen]."""
+    check_cu_seqlens(cu_seqlens, max_seqlen, int(cu_seqlens[-1]) if cu_seqlens.numel() else 0, cu_seqlens.device)
+    if _backend.has_op("attention_dropout_mask"):
+        return torch.ops.fastbert.attention_dropout_mask(cu_seqlens, heads, max_seqlen, float(dropout_p), seed, offset)
+    return attention_dropout_mask_twin(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset)
+
+
+# ----------------------------------------------------------------------------- self-check
+
+
+def _packed_inputs(lengths, heads, dim, dtype, device):
+    cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int32, device=device)
+    total = int(sum(lengths))
+    q, k, v, g = (torch.randn(total, heads, dim, device=device, dtype=dtype) for _ in range(4))
+    return q, k, v, g, cu, max(lengths)
+
+
+def selfcheck(device):
+    """Kernel vs same-dtype twin vs fp32 reference, outputs and the three gradients, mixed lengths."""
+    from fastbert.ops._check import compare, poisoned_outputs
+
+    results = []
+    cases = [((1, 7, 97, 128, 333, 512), 64), ((1, 0, 7, 97, 130), 32), ((1, 7, 97, 200), 128), ((64, 64), 64)]
+    for dtype in KERNEL_DTYPES:
+        for lengths, dim in cases:
+            heads = 2
+            q, k, v, grad, cu, max_len = _packed_inputs(lengths, heads, dim, dtype, device)
+            scale = 1.0 / math.sqrt(dim)
+
+            def run(qq, kk, vv, fn):
+                qq, kk, vv = (t.detach().requires_grad_(True) for t in (qq, kk, vv))
+                out = fn(qq, kk, vv)
+                gq, gk, gv = torch.autograd.grad(out, (qq, kk, vv), grad.to(out.dtype))
+                return out, gq, gk, gv
+
+            ref = run(q.float(), k.float(), v.float(), lambda a, b, c: varlen_reference(a, b, c, cu, scale)[0])
+            twin = run(q, k, v, lambda a, b, c: varlen_reference(a, b, c, cu, scale)[0])
+            with poisoned_outputs():
+                with _backend.kernels(True):
+                    kern = run(q, k, v, lambda a, b, c: attention_varlen(a, b, c, cu, max_len))
+            case = f"lengths={','.join(map(str, lengths))} d={dim}"
+            for name, kv, tv, rv in zip(("attention", "attention.dq", "attention.dk", "attention.dv"), kern, twin, ref):
+                results.append(compare(name, case, dtype, kv, tv, rv))
+    return results
