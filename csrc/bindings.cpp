@@ -15,6 +15,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "gather/gather.h"
+#include "layernorm/layernorm.h"          // layernorm
+#include "cross_entropy/cross_entropy.h"  // cross_entropy
 #include "attention/attention.h"  // attention
 #endif
 
@@ -45,6 +47,22 @@ TORCH_LIBRARY(fastbert, m) {
   m.def("attention_dropout_mask(Tensor cu_seqlens, int heads, int max_seqlen, float dropout_p, int seed, "
         "int offset) -> Tensor");
   // ---- end attention ----
+  // ---- layernorm (csrc/layernorm/): y = LayerNorm(x + residual) over the last dim ----
+  // sum = x + residual in x's dtype (empty without a residual); mean, rstd fp32 [rows].
+  m.def("layernorm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps) "
+        "-> (Tensor y, Tensor sum, Tensor mean, Tensor rstd)");
+  // h is what was normalized (sum, or x without a residual); dweight, dbias fp32 [hidden].
+  m.def("layernorm_bwd(Tensor dy, Tensor h, Tensor mean, Tensor rstd, Tensor? weight) "
+        "-> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // ---- end layernorm ----
+  // ---- cross_entropy (csrc/cross_entropy/): per-row softmax cross-entropy, fp32 math ----
+  // loss, lse fp32 [rows]; rows labelled ignore_index get 0 and 0.
+  m.def("cross_entropy_fwd(Tensor logits, Tensor labels, int ignore_index) -> (Tensor loss, Tensor lse)");
+  // grad_logits = grad_loss[:, None] * (softmax(logits) - onehot(labels)); zero on ignored rows.
+  m.def("cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
+  // The same, written over the logits (no second [rows, classes] buffer); eager use only.
+  m.def("cross_entropy_bwd_(Tensor grad_loss, Tensor(a!) logits, Tensor labels, Tensor lse, int ignore_index) -> ()");
+  // ---- end cross_entropy ----
 }
 
 #ifdef FASTBERT_WITH_CUDA
@@ -133,7 +151,7 @@ fastbert::AttentionDropout attention_dropout(double dropout_p, int64_t seed, int
 at::Tensor attention_operand(const at::Tensor& x) {
   const bool ok = x.stride(2) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
-  return ok ? x : x.contiguous();
+  return ok ? x : x.clone(at::MemoryFormat::Contiguous);  // clone: a contiguous view may still be misaligned
 }
 
 fastbert::DType attention_dtype(const at::Tensor& q, const char* op) {
@@ -207,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
               "attention_varlen_bwd: lse must be float32 [heads, total_tokens]");
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = attention_operand(q_in), k = attention_operand(k_in), v = attention_operand(v_in);
-  const at::Tensor dout = dout_in.to(q.scalar_type()).contiguous();
+  const at::Tensor dout = attention_operand(dout_in.to(q.scalar_type()).contiguous());  // kernel: contiguous
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
   // delta = rowsum(dout * out) in fp32, [heads, total]
@@ -265,6 +283,187 @@ at::Tensor attention_dropout_mask_cuda(const at::Tensor& cu_seqlens_in, int64_t 
 }
 // ---- end attention ------------------------------------------------------------------------
 
+// ---- layernorm, cross_entropy ---------------------------------------------------------------
+fastbert::DType float_dtype(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return fastbert::DType::kFloat32;
+    case at::kHalf: return fastbert::DType::kFloat16;
+    case at::kBFloat16: return fastbert::DType::kBFloat16;
+    default: TORCH_CHECK(false, op, ": expected float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+// Checks a per-feature parameter and returns it as a contiguous fp32 tensor (or undefined).
+at::Tensor fp32_param(const std::optional<at::Tensor>& p, const at::Tensor& x, const char* what) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  TORCH_CHECK(p->device() == x.device(), "layernorm: ", what, " is on ", p->device(), ", x on ", x.device());
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(-1), "layernorm: ", what, " must have shape [",
+              x.size(-1), "], got ", p->sizes());
+  return p->to(at::kFloat).contiguous();
+}
+
+const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_fwd_cuda(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in, const std::optional<at::Tensor>& weight_in,
+    const std::optional<at::Tensor>& bias_in, double eps) {
+  TORCH_CHECK(x_in.is_cuda() && x_in.dim() >= 1, "layernorm_fwd: x must be a CUDA tensor with at least 1 dim");
+  const fastbert::DType dtype = float_dtype(x_in, "layernorm_fwd");
+  const int64_t hidden = x_in.size(-1);
+  TORCH_CHECK(hidden >= 1 && hidden <= fastbert::kLayerNormMaxHidden, "layernorm_fwd: hidden size ", hidden,
+              " outside [1, ", fastbert::kLayerNormMaxHidden, "]");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor residual;
+  if (residual_in.has_value() && residual_in->defined()) {
+    TORCH_CHECK(residual_in->sizes() == x_in.sizes() && residual_in->scalar_type() == x_in.scalar_type() &&
+                    residual_in->device() == x_in.device(),
+                "layernorm_fwd: residual must match x in shape, dtype and device");
+    residual = residual_in->contiguous();
+  }
+  const at::Tensor weight = fp32_param(weight_in, x, "weight"), bias = fp32_param(bias_in, x, "bias");
+  const int64_t rows = x.numel() / hidden;
+  at::Tensor y = at::empty_like(x);
+  at::Tensor sum = residual.defined() ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  fastbert::LayerNormFwdParams p{};
+  p.x = x.data_ptr();
+  p.residual = residual.defined() ? residual.data_ptr() : nullptr;
+  p.weight = ptr_or_null(weight);
+  p.bias = ptr_or_null(bias);
+  p.y = y.data_ptr();
+  p.sum = residual.defined() ? sum.data_ptr() : nullptr;
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.rows = rows;
+  p.hidden = hidden;
+  p.eps = static_cast<float>(eps);
+  p.dtype = dtype;
+  p.stream = current_stream(x);
+  FASTBERT_CHECK_CUDA(fastbert::layernorm_fwd(p), "layernorm_fwd");
+  return {y, sum, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd_cuda(const at::Tensor& dy_in, const at::Tensor& h_in,
+                                                                  const at::Tensor& mean, const at::Tensor& rstd,
+                                                                  const std::optional<at::Tensor>& weight_in) {
+  TORCH_CHECK(dy_in.is_cuda() && h_in.is_cuda(), "layernorm_bwd: expected CUDA tensors");
+  TORCH_CHECK(dy_in.sizes() == h_in.sizes() && dy_in.scalar_type() == h_in.scalar_type(),
+              "layernorm_bwd: dy and h must match in shape and dtype");
+  const fastbert::DType dtype = float_dtype(h_in, "layernorm_bwd");
+  const int64_t hidden = h_in.size(-1);
+  TORCH_CHECK(hidden >= 1 && hidden <= fastbert::kLayerNormMaxHidden, "layernorm_bwd: hidden size out of range");
+  const int64_t rows = h_in.numel() / hidden;
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.numel() == rows &&
+                  rstd.numel() == rows, "layernorm_bwd: mean and rstd must be fp32 with one value per row");
+  c10::cuda::CUDAGuard guard(h_in.device());
+  const at::Tensor dy = dy_in.contiguous(), h = h_in.contiguous();
+  const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  const at::Tensor weight = fp32_param(weight_in, h, "weight");
+  const int64_t partials = fastbert::layernorm_bwd_num_partials(rows, hidden, dtype);
+  at::Tensor dx = at::empty_like(h);
+  at::Tensor workspace = at::empty({2, partials, hidden}, h.options().dtype(at::kFloat));
+  at::Tensor dweight = at::empty({hidden}, h.options().dtype(at::kFloat));
+  at::Tensor dbias = at::empty({hidden}, h.options().dtype(at::kFloat));
+  fastbert::LayerNormBwdParams p{};
+  p.dy = dy.data_ptr();
+  p.h = h.data_ptr();
+  p.mean = mean_c.data_ptr<float>();
+  p.rstd = rstd_c.data_ptr<float>();
+  p.weight = ptr_or_null(weight);
+  p.dx = dx.data_ptr();
+  p.partial = workspace.data_ptr<float>();
+  p.dweight = dweight.data_ptr<float>();
+  p.dbias = dbias.data_ptr<float>();
+  p.rows = rows;
+  p.hidden = hidden;
+  p.dtype = dtype;
+  p.stream = current_stream(h);
+  FASTBERT_CHECK_CUDA(fastbert::layernorm_bwd(p), "layernorm_bwd");
+  return {dx, dweight, dbias};
+}
+
+void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, const char* op) {
+  TORCH_CHECK(logits.is_cuda() && labels.device() == logits.device(), op, ": expected CUDA tensors on one device");
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-d [rows, classes], got ", logits.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), op, ": labels must be [", logits.size(0),
+              "], got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
+              ": labels must be int64 or int32, got ", labels.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logits_in, const at::Tensor& labels_in,
+                                                          int64_t ignore_index) {
+  check_logits_labels(logits_in, labels_in, "cross_entropy_fwd");
+  const fastbert::DType dtype = float_dtype(logits_in, "cross_entropy_fwd");
+  c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = dense_rows(logits_in);
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  TORCH_CHECK(logits.size(0) == 0 || logits.size(1) > 0, "cross_entropy_fwd: logits have no classes");
+  fastbert::CrossEntropyFwdParams p{};
+  p.logits = logits.data_ptr();
+  p.labels = labels.data_ptr<int64_t>();
+  p.loss = loss.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  p.rows = logits.size(0);
+  p.classes = logits.size(1);
+  p.row_stride = logits.stride(0);
+  p.ignore_index = ignore_index;
+  p.dtype = dtype;
+  p.stream = current_stream(logits);
+  FASTBERT_CHECK_CUDA(fastbert::cross_entropy_fwd(p), "cross_entropy_fwd");
+  return {loss, lse};
+}
+
+// grad may be logits itself (the in-place variant).
+void cross_entropy_bwd_into(const at::Tensor& grad_loss_in, const at::Tensor& logits, const at::Tensor& labels_in,
+                            const at::Tensor& lse_in, int64_t ignore_index, const at::Tensor& grad, const char* op) {
+  check_logits_labels(logits, labels_in, op);
+  const int64_t rows = logits.size(0);
+  TORCH_CHECK(grad_loss_in.numel() == rows && lse_in.numel() == rows && lse_in.scalar_type() == at::kFloat, op,
+              ": grad_loss and lse (fp32) must have one value per row");
+  TORCH_CHECK(grad_loss_in.device() == logits.device() && lse_in.device() == logits.device(), op,
+              ": grad_loss and lse must be on the device of logits");
+  const at::Tensor grad_loss = grad_loss_in.to(at::kFloat).contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  fastbert::CrossEntropyBwdParams p{};
+  p.grad_loss = grad_loss.data_ptr<float>();
+  p.logits = logits.data_ptr();
+  p.grad = grad.data_ptr();
+  p.labels = labels.data_ptr<int64_t>();
+  p.lse = lse.data_ptr<float>();
+  p.rows = rows;
+  p.classes = logits.size(1);
+  p.logits_row_stride = logits.stride(0);
+  p.grad_row_stride = grad.stride(0);
+  p.ignore_index = ignore_index;
+  p.dtype = float_dtype(logits, op);
+  p.stream = current_stream(logits);
+  FASTBERT_CHECK_CUDA(fastbert::cross_entropy_bwd(p), op);
+}
+
+at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits_in, const at::Tensor& labels,
+                                  const at::Tensor& lse, int64_t ignore_index) {
+  c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = logits_in.dim() == 2 ? dense_rows(logits_in) : logits_in;
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  cross_entropy_bwd_into(grad_loss, logits, labels, lse, ignore_index, grad, "cross_entropy_bwd");
+  return grad;
+}
+
+void cross_entropy_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                                    const at::Tensor& lse, int64_t ignore_index) {
+  c10::cuda::CUDAGuard guard(logits.device());
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "cross_entropy_bwd_: in place needs logits with unit "
+              "stride along classes");
+  cross_entropy_bwd_into(grad_loss, logits, labels, lse, ignore_index, logits, "cross_entropy_bwd_");
+}
+// ---- end layernorm, cross_entropy -----------------------------------------------------------
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastbert, CUDA, m) {
@@ -275,5 +474,12 @@ TORCH_LIBRARY_IMPL(fastbert, CUDA, m) {
   m.impl("attention_varlen_bwd", &attention_varlen_bwd_cuda);
   m.impl("attention_dropout_mask", &attention_dropout_mask_cuda);
   // ---- end attention ----
+  // ---- layernorm, cross_entropy ----
+  m.impl("layernorm_fwd", &layernorm_fwd_cuda);
+  m.impl("layernorm_bwd", &layernorm_bwd_cuda);
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
+  m.impl("cross_entropy_bwd_", &cross_entropy_bwd_inplace_cuda);
+  // ---- end layernorm, cross_entropy ----
 }
 #endif  // FASTBERT_WITH_CUDA

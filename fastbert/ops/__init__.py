@@ -6,6 +6,8 @@ from fastbert.ops.layernorm import layer_norm
 
 # Every op declared in csrc/bindings.cpp, as torch.ops.fastbert.<name>.
 OP_NAMES = ["gather_rows", "scatter_rows",
-            "attention_varlen_fwd", "attention_varlen_bwd", "attention_dropout_mask"]  # attention
+            "attention_varlen_fwd", "attention_varlen_bwd", "attention_dropout_mask",  # attention
+            "layernorm_fwd", "layernorm_bwd",  # layernorm
+            "cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_"]  # cross_entropy
 
 __all__ = ["OP_NAMES", "attention", "attention_varlen", "cross_entropy", "gather", "scatter", "unpad_input", "pad_input", "layer_norm"]
