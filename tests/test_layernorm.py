@@ -1,0 +1,149 @@
+"""layernorm: y = LayerNorm(x + residual), its registered ops (CPU twins here, CUDA kernels on
+a GPU), autograd, bad input, and the tolerance rule on the GPU."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+from fastbert import _backend
+from fastbert.ops import layer_norm
+
+ln_module = importlib.import_module("fastbert.ops.layernorm")
+needs_ext = pytest.mark.skipif(not _backend.has_op("layernorm_fwd"),
+                               reason="fastbert._C is not built, so torch.ops.fastbert.* does not exist")
+
+
+def _inputs(shape, dtype=torch.float32, device="cpu", residual=True, requires_grad=False):
+    hidden = shape[-1]
+    x = torch.randn(*shape[:-1], hidden + 2, dtype=dtype, device=device)[..., 1:hidden + 1]  # non-contiguous
+    r = torch.randn(shape, dtype=dtype, device=device) if residual else None
+    w = 1 + 0.5 * torch.randn(hidden, dtype=dtype, device=device)
+    b = torch.randn(hidden, dtype=dtype, device=device)
+    if requires_grad:
+        x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+        r = r.detach().requires_grad_() if r is not None else None
+    return x, r, w, b
+
+
+def _reference(x, r, w, b, eps, dy):
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    rr = r.detach().double().requires_grad_() if r is not None else None
+    y = F.layer_norm(leaves[0] + (rr if rr is not None else 0), (x.shape[-1],), leaves[1], leaves[2], eps)
+    grads = torch.autograd.grad(y, leaves + ([rr] if rr is not None else []), dy.double())
+    return y, grads
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 96), (7, 384), (2, 3, 768), (5, 1000)])
+@pytest.mark.parametrize("residual", [True, False])
+def test_registered_op_matches_fp64(seed, shape, residual):
+    x, r, w, b = _inputs(shape, residual=residual, requires_grad=True)
+    y, total, mean, rstd = torch.ops.fastbert.layernorm_fwd(x, r, w, b, 1e-12)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (x.numel() // shape[-1],)
+    assert total.shape == (x.shape if residual else (0,))
+    dy = torch.randn_like(y)
+    ref_y, ref_grads = _reference(x, r, w, b, 1e-12, dy)
+    grads = torch.autograd.grad(y, [x, w, b] + ([r] if residual else []), dy)
+    torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_cpu(seed, dtype):
+    x, r, w, b = _inputs((3, 5, 24), dtype, requires_grad=True)
+    opcheck(torch.ops.fastbert.layernorm_fwd.default, (x, r, w, b, 1e-5))
+    opcheck(torch.ops.fastbert.layernorm_fwd.default, (x, None, w, b, 1e-5))
+    opcheck(torch.ops.fastbert.layernorm_fwd.default, (x, None, None, None, 1e-5))
+    y, total, mean, rstd = torch.ops.fastbert.layernorm_fwd(x, r, w, b, 1e-5)
+    opcheck(torch.ops.fastbert.layernorm_bwd.default, (torch.randn_like(y), total.detach(), mean.detach(),
+                                                       rstd.detach(), w.detach()))
+    opcheck(torch.ops.fastbert.layernorm_bwd.default, (torch.randn_like(y), x.detach(), mean.detach(),
+                                                       rstd.detach(), None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_function_matches_twin(seed, dtype):
+    x, r, w, b = _inputs((4, 7, 384), dtype)
+    torch.testing.assert_close(layer_norm(x, w, b, 1e-12, residual=r), F.layer_norm(x + r, (384,), w, b, 1e-12))
+    torch.testing.assert_close(layer_norm(x, w, b), F.layer_norm(x, (384,), w, b, 1e-12))
+    torch.testing.assert_close(layer_norm(x, None, None), F.layer_norm(x, (384,), eps=1e-12))
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (lambda x, r, w, b: layer_norm(x.long(), w, b), TypeError, "x must have dtype"),
+    (lambda x, r, w, b: layer_norm(x.tolist(), w, b), TypeError, "x must be a torch.Tensor"),
+    (lambda x, r, w, b: layer_norm(x, w, b, residual=r[:, :3]), ValueError, "residual has shape"),
+    (lambda x, r, w, b: layer_norm(x, w, b, residual=r.long()), TypeError, "residual must have dtype"),
+    (lambda x, r, w, b: layer_norm(x, w[:5], b), ValueError, r"weight has shape \(5,\); expected \(16,\)"),
+    (lambda x, r, w, b: layer_norm(x, w, b[None]), ValueError, "bias has shape"),
+    (lambda x, r, w, b: layer_norm(x, w, b.to("meta")), ValueError, "bias is on meta"),
+    (lambda x, r, w, b: layer_norm(x[0, 0], w, b), ValueError, "at least 1 dimension"),
+])
+def test_bad_input(bad, exc, match):
+    x, r, w, b = _inputs((3, 16))
+    with pytest.raises(exc, match=match):
+        bad(x, r, w, b)
+
+
+def test_selfcheck_code_runs_on_cpu(monkeypatch, seed):
+    """The GPU self-check's own code (shapes, poisoning, comparisons) on CPU, where kernel = twin."""
+    monkeypatch.setattr(ln_module, "SELFCHECK_SHAPES", ((1, 96), (7, 100)))
+    results = ln_module.selfcheck(torch.device("cpu"))
+    assert len(results) == 3 * 2 * (5 + 4)  # dtypes x shapes x (5 outputs with a residual, 4 without)
+    assert all(r.ok for r in results), [r for r in results if not r.ok]
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_tolerance_rule_gpu(seed):
+    failed = [r for r in ln_module.selfcheck(torch.device("cuda")) if not r.ok]
+    assert not failed, failed
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_opcheck_gpu(seed, dtype):
+    x, r, w, b = _inputs((7, 768), dtype, "cuda", requires_grad=True)
+    opcheck(torch.ops.fastbert.layernorm_fwd.default, (x, r, w, b, 1e-12))
+    opcheck(torch.ops.fastbert.layernorm_fwd.default, (x, None, w.float(), None, 1e-12))
+    y, total, mean, rstd = torch.ops.fastbert.layernorm_fwd(x, r, w, b, 1e-12)
+    opcheck(torch.ops.fastbert.layernorm_bwd.default, (torch.randn_like(y), total.detach(), mean.detach(),
+                                                       rstd.detach(), w.detach()))
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_kernel_paths_gpu(seed):
+    """Vectorized and scalar paths, misaligned pointers, fp32 weights on bf16 activations, 0 rows."""
+    for hidden in (96, 1001, 4096, 8192):
+        for offset in (0, 1):
+            base = torch.randn(33 * hidden + offset, device="cuda", dtype=torch.bfloat16)
+            x = base[offset:].view(33, hidden)  # offset 1: not 16-byte aligned -> scalar path
+            w, b = torch.randn(hidden, device="cuda"), torch.randn(hidden, device="cuda")
+            y = layer_norm(x, w, b, 1e-5)
+            ref = F.layer_norm(x.float(), (hidden,), w, b, 1e-5)
+            torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=3e-2)
+    empty = torch.randn(0, 768, device="cuda")
+    assert layer_norm(empty, torch.ones(768, device="cuda"), None).shape == (0, 768)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_torch_compile_gpu(seed):
+    x, r, w, b = _inputs((4, 33, 768), torch.bfloat16, "cuda", requires_grad=True)
+    fn = torch.compile(lambda x, r, w, b: layer_norm(x, w, b, 1e-12, residual=r).float().square().sum(),
+                       fullgraph=False)
+    loss = fn(x, r, w, b)
+    loss.backward()
+    with _backend.kernels(False):
+        ref = layer_norm(x, w, b, 1e-12, residual=r).float().square().sum()
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=1.0)
+    assert x.grad is not None and r.grad is not None and torch.equal(x.grad, r.grad)
