@@ -72,6 +72,7 @@ if _backend.has_op("cross_entropy_fwd"):
 
     def _cross_entropy_setup(ctx, inputs, output):
         logits, labels, ignore_index = inputs
+        ctx.set_materialize_grads(False)
         ctx.ignore_index = ignore_index
         ctx.save_for_backward(logits, labels, output[1])
 
