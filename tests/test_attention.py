@@ -278,3 +278,40 @@ def test_opcheck_cuda(seed):
     torch.library.opcheck(torch.ops.fastbert.attention_varlen_fwd, (q, k, v, cu, max_len, 0.125, 0.0, 1, 2))
     torch.library.opcheck(torch.ops.fastbert.attention_varlen_fwd, (q, k, v, cu, max_len, 0.125, 0.2, 1, 2))
     torch.library.opcheck(torch.ops.fastbert.attention_dropout_mask, (cu, 2, max_len, 0.1, 5, 6))
+
+
+@needs_ops
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_padded_entry_kernel_path_on_cpu(seed, monkeypatch, dropout_p):
+    """The padded entry's kernel path (unpad, packed op, pad back, autograd through the registered
+    ops) run on CPU, where the ops' CPU kernels are the twins: real tokens match the padded twin
+    (with the kernel's dropout mask), padded positions are zero."""
+    monkeypatch.setattr(A._backend, "use_kernel", lambda name, *tensors: True)
+    monkeypatch.setattr(A, "kernel_unsupported", lambda q: None)  # fp32 here; the CPU kernels take any dtype
+    batch, seq, heads, dim = 4, 11, 2, 32
+    q, k, v = (torch.randn(batch, seq, heads, dim, requires_grad=True) for _ in range(3))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[2, 1:] = 0
+    mask[3, :] = 0
+    real = mask.bool()
+    grad = torch.randn(batch, seq, heads, dim) * real[:, :, None, None]
+    torch.manual_seed(seed)
+    out = A.attention(q, k, v, mask, dropout_p=dropout_p, training=True)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    # the same seed and offset the wrapper drew
+    torch.manual_seed(seed)
+    seed_, offset = A._draw_seed_offset() if dropout_p > 0 else (0, 0)
+    lengths = mask.sum(1).tolist()
+    cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int32)
+    keep = A.dropout_keep_mask(cu, heads, seq, dropout_p, seed_, offset)  # [batch, heads, seq, seq]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dim) + A.additive_mask(mask, torch.float32)
+    probs = torch.softmax(scores, -1)
+    if dropout_p > 0:
+        probs = probs * keep / (1 - dropout_p)
+    ref = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    torch.testing.assert_close(out[real], ref[real])
+    assert (out[~real] == 0).all()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
