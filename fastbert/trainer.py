@@ -474,9 +474,9 @@ class Trainer:
                 stream_key = (seq_len, first + a.grad_accum)
                 self.step += 1
                 if not math.isfinite(step_loss):
-                    raise TrainingError(f"the loss became {step_loss} at step {self.step}; stopping (lower --lr, "
-                                        "or use --precision bf16/fp32)")
-                last = self.step == end
+                    raise TrainingError(f"the loss became {step_loss} at step {self.step}; stopping the run (the last "
+                                        "checkpoint is kept; try a lower --lr or --precision bf16 instead of fp16)")
+                last = self.step == a.steps  # (stopping early at --stop-at-step only saves)
                 record = None
                 if self.step % a.log_every == 0 or last:
                     record = self._window_record(window, seq_len)
@@ -488,7 +488,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{window.get('last_tps', 0):,.0f}")
-                if self.step % a.save_every == 0 or last:
+                if self.step % a.save_every == 0 or self.step == end:
                     self.save()
         except KeyboardInterrupt:
             interrupted = True
@@ -554,7 +554,7 @@ class Trainer:
                 "first_loss": next((r["loss"] for r in self.records if "loss" in r), None),
                 "loss": last.get("loss"), "mlm_loss": last.get("mlm_loss"), **(last_eval or {}),
                 "tokens_per_s": last.get("tokens_per_s"), "parameters": self.model.num_parameters(),
-                "device": str(self.device), "precision": self.precision, "world_size": self.world}
+                "device": str(self.device), "precision": self.precision, "world_size": self.world, "main": self.main}
 
 
 class _null:

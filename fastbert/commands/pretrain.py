@@ -57,7 +57,8 @@ def run(args):
         summary = pretrain(TrainArgs(**given), given=set(given))
     except TrainingError as e:
         raise CLIError(str(e)) from None
-    print(format_summary(summary), file=sys.stderr)
+    if summary["main"]:
+        print(format_summary(summary), file=sys.stderr)
     return 130 if summary["interrupted"] and not summary["stopped_as_asked"] else 0
 
 
