@@ -1,5 +1,4 @@
-"""Shared test set-up. Collection never touches CUDA: GPU tests are marked `gpu` and skipped,
-with a reason, at run time when no GPU is present."""
+"""Shared test set-up (the `gpu` skip lives in the repository's conftest.py, shared with benchmarks/)."""
 import os
 import random
 from pathlib import Path
@@ -9,11 +8,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
-
-
-def pytest_runtest_setup(item):
-    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
 
 
 @pytest.fixture
