@@ -3,6 +3,21 @@ pooler, the heads, and the two models users call (BertModel, BertForPreTraining)
 
 Module and parameter names are transformers' own, so state_dicts are interchangeable. The math
 runs through fastbert.ops, which picks a CUDA kernel or its pure-PyTorch twin at call time.
+
+Two paths through one set of modules. Padded: every module sees [batch, seq, hidden] and the
+attention takes the [batch, seq] mask. Padding-free: the real tokens' ids are gathered once
+(`Packing`), embedded, and every module sees [tokens, hidden]; the attention takes the Packing
+(cu_seqlens, max_seqlen) and runs the varlen kernel; only what the caller asked for is padded
+back (last_hidden_state, hidden_states, full prediction_logits). The MLM head then runs on the
+labelled rows only and NSP on each sequence's first real token. `model.padding_free`: None
+(default) takes the padding-free path when the CUDA attention kernel would run (inputs on CUDA,
+kernels on, float16/bfloat16 q/k/v, autocast included, head_dim 32/64/128), True forces it (on
+CPU with the twins, for tests), False keeps the padded path.
+
+Where the padding-free path differs from the padded one (only at positions no loss reads): the
+padded outputs are zeros at padding positions; the pooler/NSP input of a sequence with no real
+token (attention_mask all 0) is a zero vector (pooler_output = tanh(pooler.dense.bias)); and
+a labelled position must be a real token (checked when check_inputs is on).
 """
 import math
 from dataclasses import dataclass, fields
@@ -11,8 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastbert import _validate, ops
+from fastbert import _backend, _validate, ops
 from fastbert.config import BertConfig
+from fastbert.ops.attention import HEAD_DIMS, KERNEL_DTYPES
 
 # ----------------------------------------------------------------------------- outputs
 
@@ -51,6 +67,58 @@ class BertForPreTrainingOutput(ModelOutput):
     masked_positions: torch.Tensor = None  # flat indices into batch*seq of the rows in prediction_logits
 
 
+@dataclass
+class Packing:
+    """Where the real tokens of a padded [batch, seq] batch sit, for the padding-free path.
+
+    indices: int64 [tokens], flat positions in batch*seq of the tokens with attention_mask != 0,
+    in order; cu_seqlens: int32 [batch + 1], sequence b owns packed rows cu_seqlens[b] ..
+    cu_seqlens[b+1] - 1; max_seqlen: the longest sequence (a Python int).
+
+    Built from a CPU mask it costs no device sync; from a CUDA mask it syncs twice (nonzero's
+    output size and max_seqlen). The trainer builds it on the CPU batch and moves it with the
+    batch (`model(..., packing=Packing.from_mask(cpu_mask).to(device, non_blocking=True))`).
+    """
+
+    indices: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @classmethod
+    def from_mask(cls, attention_mask):
+        mask = attention_mask.bool()
+        seqlens = mask.sum(dim=1, dtype=torch.int32)
+        indices = torch.nonzero(mask.flatten()).flatten()
+        cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+        return cls(indices, cu_seqlens, int(seqlens.max()) if seqlens.numel() else 0)
+
+    def to(self, device, non_blocking=False):
+        return Packing(self.indices.to(device, non_blocking=non_blocking),
+                       self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen)
+
+    @property
+    def batch(self):
+        return self.cu_seqlens.shape[0] - 1
+
+    def pack(self, x):
+        """[batch, seq, ...] -> [tokens, ...] (ids and other inputs; no autograd kernel needed)."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.indices)
+
+    def pad(self, packed, seq):
+        """[tokens, ...] -> [batch, seq, ...], zeros at padding."""
+        if packed.shape[0] == 0:  # ops.pad_input cannot reshape a 0-row tensor
+            return packed.new_zeros((self.batch, seq, *packed.shape[1:]))
+        return ops.pad_input(packed, self.indices, self.batch, seq)
+
+    def first_rows(self, packed):
+        """[batch, ...]: each sequence's first real token ([CLS]); zeros for a sequence without one."""
+        starts, ends = self.cu_seqlens[:-1], self.cu_seqlens[1:]
+        if packed.shape[0] == 0:
+            return packed.new_zeros((self.batch, *packed.shape[1:]))
+        rows = packed.index_select(0, starts.clamp(max=packed.shape[0] - 1).long())
+        return torch.where((ends > starts).view(-1, *[1] * (packed.dim() - 1)), rows, torch.zeros_like(rows))
+
+
 # ----------------------------------------------------------------------------- activations
 
 ACTIVATIONS = {
@@ -78,7 +146,7 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids, token_type_ids, position_ids):
+    def forward(self, input_ids, token_type_ids, position_ids):  # [batch, seq] or packed [tokens]
         h = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         h = ops.layer_norm(h, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
                            residual=self.position_embeddings(position_ids).expand_as(h))
@@ -95,10 +163,15 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, hidden, attention_mask):
+    def forward(self, hidden, attn):
+        """hidden [batch, seq, hidden] with attn the [batch, seq] mask, or [tokens, hidden] with attn a Packing."""
         heads = (*hidden.shape[:-1], self.num_attention_heads, self.attention_head_size)
         q, k, v = (proj(hidden).view(heads) for proj in (self.query, self.key, self.value))
-        out = ops.attention(q, k, v, attention_mask, dropout_p=self.dropout_p, training=self.training)
+        if isinstance(attn, Packing):
+            out = ops.attention_varlen(q, k, v, attn.cu_seqlens, attn.max_seqlen, dropout_p=self.dropout_p,
+                                       training=self.training, check=False)
+        else:
+            out = ops.attention(q, k, v, attn, dropout_p=self.dropout_p, training=self.training)
         return out.reshape(hidden.shape)
 
 
@@ -129,8 +202,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config, config.hidden_size)
 
-    def forward(self, hidden, attention_mask):
-        return self.output(self.self(hidden, attention_mask), hidden)
+    def forward(self, hidden, attn):
+        return self.output(self.self(hidden, attn), hidden)
 
 
 class BertIntermediate(nn.Module):
@@ -150,8 +223,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden, attention_mask):
-        attended = self.attention(hidden, attention_mask)
+    def forward(self, hidden, attn):
+        attended = self.attention(hidden, attn)
         return self.output(self.intermediate(attended), attended)
 
 
@@ -160,10 +233,10 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, hidden, attention_mask, output_hidden_states=False):
+    def forward(self, hidden, attn, output_hidden_states=False):
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.layer:
-            hidden = layer(hidden, attention_mask)
+            hidden = layer(hidden, attn)
             if output_hidden_states:
                 all_hidden.append(hidden)
         return hidden, (tuple(all_hidden) if output_hidden_states else None)
@@ -232,6 +305,7 @@ class BertPreTrainedModel(nn.Module):
             raise TypeError(f"config must be a fastbert.BertConfig, got {type(config).__name__}")
         self.config = config
         self.check_inputs = True  # validate ids and labels (one host sync per tensor) before any kernel
+        self.padding_free = None  # None: when the attention kernel would run; True/False: always/never
 
     def init_weights(self):
         std = self.config.initializer_range
@@ -290,14 +364,70 @@ class BertModel(BertPreTrainedModel):
         return self.embeddings.word_embeddings
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                output_hidden_states=False, return_dict=True):
-        input_ids, attention_mask, token_type_ids, position_ids = self._prepare_inputs(
-            input_ids, attention_mask, token_type_ids, position_ids)
-        hidden = self.embeddings(input_ids, token_type_ids, position_ids)
-        hidden, all_hidden = self.encoder(hidden, attention_mask, output_hidden_states)
-        pooled = self.pooler(hidden) if self.pooler is not None else None
+                output_hidden_states=False, return_dict=True, packing=None):
+        """As transformers' BertModel. `packing`: an optional `Packing` of attention_mask, built by
+        the caller on the CPU, which spares the padding-free path its host syncs."""
+        hidden, pooled, all_hidden, packing = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                                                          output_hidden_states, packing)
+        if packing is not None:  # pad back what the caller sees
+            seq = input_ids.shape[1]
+            hidden = packing.pad(hidden, seq)
+            all_hidden = tuple(packing.pad(h, seq) for h in all_hidden) if all_hidden is not None else None
         out = BaseModelOutputWithPooling(hidden, pooled, all_hidden)
         return out if return_dict else out.to_tuple()
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+               output_hidden_states=False, packing=None):
+        """(hidden, pooled, hidden_states, packing): on the padding-free path packing is a `Packing`
+        and hidden (and each of hidden_states) is packed [tokens, hidden]; else packing is None and
+        they are [batch, seq, hidden]."""
+        given_mask = attention_mask
+        input_ids, attention_mask, token_type_ids, position_ids = self._prepare_inputs(
+            input_ids, attention_mask, token_type_ids, position_ids)
+        if not self.use_padding_free(input_ids):
+            hidden = self.embeddings(input_ids, token_type_ids, position_ids)
+            hidden, all_hidden = self.encoder(hidden, attention_mask, output_hidden_states)
+            pooled = self.pooler(hidden) if self.pooler is not None else None
+            return hidden, pooled, all_hidden, None
+        packing = self._packing(input_ids, given_mask, attention_mask, packing)
+        ids, token_types, positions = (packing.pack(t) for t in (input_ids, token_type_ids, position_ids))
+        hidden = self.embeddings(ids, token_types, positions)  # only the real tokens are embedded
+        hidden, all_hidden = self.encoder(hidden, packing, output_hidden_states)
+        pooled = self.pooler(packing.first_rows(hidden)[:, None]) if self.pooler is not None else None
+        return hidden, pooled, all_hidden, packing
+
+    def use_padding_free(self, input_ids):
+        """model.padding_free if set; by default (None) whenever the CUDA attention kernel would run."""
+        if self.padding_free is not None:
+            return bool(self.padding_free)
+        if not (input_ids.is_cuda and _backend.use_kernel("attention_varlen_fwd", input_ids)):
+            return False
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self.dtype
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        return dtype in KERNEL_DTYPES and head_dim in HEAD_DIMS
+
+    def _packing(self, input_ids, given_mask, attention_mask, packing):
+        batch, seq = input_ids.shape
+        if packing is None:
+            if given_mask is None:  # every position is a token: no sync needed
+                device = input_ids.device
+                return Packing(torch.arange(batch * seq, device=device),
+                               torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device), seq)
+            return Packing.from_mask(attention_mask)  # on CUDA: two host syncs
+        if not isinstance(packing, Packing):
+            raise TypeError(f"packing must be a fastbert.model.Packing, got {type(packing).__name__}")
+        if packing.cu_seqlens.shape != (batch + 1,) or packing.indices.dim() != 1:
+            raise ValueError(f"packing describes {packing.batch} sequences ({packing.indices.shape[0]} tokens) "
+                             f"but input_ids holds {batch}; build it with Packing.from_mask(attention_mask)")
+        if packing.indices.device != input_ids.device or packing.cu_seqlens.device != input_ids.device:
+            raise ValueError(f"packing is on {packing.indices.device} but input_ids is on {input_ids.device}; "
+                             "move it with packing.to(device)")
+        if self.check_inputs:  # one host sync
+            want = Packing.from_mask(attention_mask)
+            if (want.max_seqlen != packing.max_seqlen or not torch.equal(want.cu_seqlens, packing.cu_seqlens)
+                    or not torch.equal(want.indices, packing.indices)):
+                raise ValueError("packing does not describe attention_mask; build it with Packing.from_mask(attention_mask)")
+        return packing
 
     def _prepare_inputs(self, input_ids, attention_mask, token_type_ids, position_ids):
         """Defaults as transformers, and every check that must happen before a kernel sees the ids."""
@@ -363,29 +493,47 @@ class BertForPreTraining(BertPreTrainedModel):
         return self.cls.predictions.decoder
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                next_sentence_label=None, output_hidden_states=False, return_dict=True, masked_positions=None):
-        self.bert.check_inputs = self.check_inputs
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
-        hidden, pooled = base.last_hidden_state, base.pooler_output
+                next_sentence_label=None, output_hidden_states=False, return_dict=True, masked_positions=None,
+                packing=None):
+        self.bert.check_inputs, self.bert.padding_free = self.check_inputs, self.padding_free
+        hidden, pooled, all_hidden, packing = self.bert.encode(input_ids, attention_mask, token_type_ids,
+                                                               position_ids, output_hidden_states, packing)
+        seq = input_ids.shape[1]
+        if packing is not None and all_hidden is not None:
+            all_hidden = tuple(packing.pad(h, seq) for h in all_hidden)
         nsp_logits = self.cls.seq_relationship(pooled)
 
         mlm_loss = nsp_loss = None
         if labels is not None:
             masked_positions = self._masked_positions(labels, masked_positions, input_ids.shape)
-            rows = ops.gather(hidden.reshape(-1, hidden.shape[-1]), masked_positions, check=False)
-            logits = self.cls.predictions(rows)
+            rows = masked_positions if packing is None else self._packed_rows(masked_positions, attention_mask)
+            picked = ops.gather(hidden.reshape(-1, hidden.shape[-1]), rows, check=False)
+            logits = self.cls.predictions(picked)
             mlm_loss = ops.cross_entropy(logits, labels.reshape(-1)[masked_positions], check=False)
         else:
             logits = self.cls.predictions(hidden)
+            if packing is not None:  # [batch, seq, vocab], zeros at padding
+                logits = packing.pad(logits, seq)
         if next_sentence_label is not None:
             self._check_nsp_labels(next_sentence_label, input_ids.shape[0])
             nsp_loss = ops.cross_entropy(nsp_logits, next_sentence_label.reshape(-1), check=False)
 
         parts = [l for l in (mlm_loss, nsp_loss) if l is not None]
         loss = sum(parts[1:], parts[0]) if parts else None
-        out = BertForPreTrainingOutput(loss, logits, nsp_logits, base.hidden_states, mlm_loss, nsp_loss,
+        out = BertForPreTrainingOutput(loss, logits, nsp_logits, all_hidden, mlm_loss, nsp_loss,
                                        masked_positions if labels is not None else None)
         return out if return_dict else out.to_tuple()
+
+    def _packed_rows(self, masked_positions, attention_mask):
+        """Flat positions in batch*seq -> rows of the packed tensor: the count of real tokens before
+        each (a cumulative sum of the mask; no host sync). Labelled positions must be real tokens."""
+        if attention_mask is None:
+            return masked_positions
+        real = attention_mask.reshape(-1) != 0
+        if self.check_inputs and masked_positions.numel() and not bool(real[masked_positions].all()):
+            raise ValueError("a labelled position (labels != -100) is padding (attention_mask 0); the padding-free "
+                             "path has no row there: label real tokens only, or set model.padding_free = False")
+        return torch.cumsum(real, dim=0).sub_(1)[masked_positions]
 
     def _masked_positions(self, labels, masked_positions, shape):
         _validate.integer("labels", labels)

@@ -1,0 +1,287 @@
+"""The padding-free path (fastbert.model: Packing, model.padding_free) against the padded path and
+transformers: on CPU in fp32 with the twins (padding_free=True), and on a GPU with the kernels."""
+import pytest
+import torch
+
+import fastbert
+from fastbert import BertConfig, BertForPreTraining, BertModel
+from fastbert.model import Packing
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def random_config(**overrides):
+    # odd sizes: hidden 96, 6 heads (head_dim 16), intermediate 150
+    base = dict(vocab_size=131, hidden_size=96, num_hidden_layers=2, num_attention_heads=6,
+                intermediate_size=150, max_position_embeddings=40, type_vocab_size=2)
+    base.update(overrides)
+    return BertConfig(**base)
+
+
+def make_batch(config, lengths, seq=None, device="cpu"):
+    b, s = len(lengths), seq or max(max(lengths), 1)
+    ids = torch.randint(1, config.vocab_size, (b, s))
+    mask = torch.zeros(b, s, dtype=torch.long)
+    tt = torch.zeros(b, s, dtype=torch.long)
+    labels = torch.full((b, s), -100)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n:] = 0
+        tt[i, n // 2:n] = 1
+        if n:
+            pos = torch.randperm(n)[: max(1, n // 6)]
+            labels[i, pos] = torch.randint(0, config.vocab_size, (len(pos),))
+    nsp = torch.randint(0, 2, (b,))
+    return tuple(t.to(device) for t in (ids, mask, tt, labels, nsp))
+
+
+def two_paths(cls, config):
+    padded = cls(config).eval()
+    free = cls(config).eval()
+    free.load_state_dict(padded.state_dict())
+    padded.padding_free, free.padding_free = False, True
+    return padded, free
+
+
+def test_default_is_padded_on_cpu_and_the_switch_is_honoured(seed):
+    config = random_config()
+    model = BertModel(config)
+    ids, *_ = make_batch(config, [5, 3])
+    assert model.padding_free is None and not model.use_padding_free(ids)  # no CUDA kernel here
+    model.padding_free = True
+    assert model.use_padding_free(ids)
+    # BertForPreTraining hands its setting to its BertModel
+    pre = BertForPreTraining(config)
+    pre.padding_free = True
+    ids, mask, tt, labels, nsp = make_batch(config, [5, 3])
+    pre(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    assert pre.bert.padding_free is True
+
+
+def test_bert_model_outputs_equal_padded(seed):
+    config = random_config()
+    padded, free = two_paths(BertModel, config)
+    ids, mask, tt, _, _ = make_batch(config, [13, 1, 29, 7])
+    a = padded(ids, mask, tt, output_hidden_states=True)
+    b = free(ids, mask, tt, output_hidden_states=True)
+    real = mask.bool()
+    torch.testing.assert_close(b.last_hidden_state[real], a.last_hidden_state[real], **TOL)
+    assert b.last_hidden_state.shape == a.last_hidden_state.shape
+    assert (b.last_hidden_state[~real] == 0).all()  # padding positions are zeros on this path
+    torch.testing.assert_close(b.pooler_output, a.pooler_output, **TOL)
+    assert len(b.hidden_states) == config.num_hidden_layers + 1
+    for x, y in zip(b.hidden_states, a.hidden_states):
+        assert x.shape == y.shape
+        torch.testing.assert_close(x[real], y[real], **TOL)
+
+
+def test_pretraining_outputs_loss_and_every_gradient_equal_padded(seed):
+    config = random_config()
+    padded, free = two_paths(BertForPreTraining, config)
+    ids, mask, tt, labels, nsp = make_batch(config, [17, 1, 11, 5, 23])
+    a = padded(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    b = free(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    assert torch.equal(a.masked_positions, b.masked_positions)
+    torch.testing.assert_close(b.prediction_logits, a.prediction_logits, **TOL)
+    torch.testing.assert_close(b.seq_relationship_logits, a.seq_relationship_logits, **TOL)
+    for name in ("loss", "mlm_loss", "nsp_loss"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), **TOL, msg=name)
+    a.loss.backward()
+    b.loss.backward()
+    grads = dict(free.named_parameters())
+    for name, p in padded.named_parameters():
+        assert grads[name].grad is not None, name
+        torch.testing.assert_close(grads[name].grad, p.grad, **TOL, msg=name)
+
+
+def test_loss_equals_transformers(seed):
+    transformers = pytest.importorskip("transformers")
+    config = random_config()
+    ours = BertForPreTraining(config).eval()
+    ours.padding_free = True
+    d = {k: v for k, v in config.to_dict().items() if k != "model_type"}
+    hf_config = transformers.BertConfig(**d)
+    hf_config._attn_implementation = "eager"
+    theirs = transformers.BertForPreTraining(hf_config).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ids, mask, tt, labels, nsp = make_batch(config, [19, 4, 1, 30])
+    a = ours(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    b = theirs(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels, next_sentence_label=nsp)
+    torch.testing.assert_close(a.loss, b.loss, **TOL)
+    torch.testing.assert_close(a.prediction_logits, b.prediction_logits.reshape(-1, config.vocab_size)[a.masked_positions], **TOL)
+
+
+def test_fully_padded_rows_are_finite_and_leave_the_others_alone(seed):
+    config = random_config()
+    padded, free = two_paths(BertForPreTraining, config)
+    ids, mask, tt, labels, nsp = make_batch(config, [6, 0, 9, 0])
+    a = padded(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    b = free(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    assert torch.isfinite(b.loss) and torch.isfinite(b.seq_relationship_logits).all()
+    torch.testing.assert_close(b.prediction_logits, a.prediction_logits, **TOL)
+    torch.testing.assert_close(b.seq_relationship_logits[[0, 2]], a.seq_relationship_logits[[0, 2]], **TOL)
+    # an empty sequence has no [CLS] row: the pooler sees zeros
+    pooled = free.bert(ids, mask, tt).pooler_output
+    expected = torch.tanh(free.bert.pooler.dense.bias).expand(2, -1)
+    torch.testing.assert_close(pooled[[1, 3]], expected, **TOL)
+    b.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in free.parameters() if p.grad is not None)
+    # a batch with no real token at all
+    empty = torch.zeros_like(mask)
+    out = free(ids, empty, tt, next_sentence_label=nsp, output_hidden_states=True)
+    assert torch.isfinite(out.loss) and out.prediction_logits.shape == (*ids.shape, config.vocab_size)
+    assert (out.prediction_logits == 0).all() and all((h == 0).all() for h in out.hidden_states)
+
+
+def test_without_labels_full_logits_padded_back(seed):
+    config = random_config()
+    padded, free = two_paths(BertForPreTraining, config)
+    ids, mask, tt, _, _ = make_batch(config, [8, 1, 6])
+    a, b = padded(ids, mask, tt), free(ids, mask, tt)
+    assert b.prediction_logits.shape == a.prediction_logits.shape == (3, 8, config.vocab_size)
+    real = mask.bool()
+    torch.testing.assert_close(b.prediction_logits[real], a.prediction_logits[real], **TOL)
+    assert (b.prediction_logits[~real] == 0).all()
+
+
+def test_holes_in_the_mask_and_no_mask(seed):
+    """Labelled rows map to packed rows through a count of real tokens, whatever the mask's shape."""
+    config = random_config()
+    padded, free = two_paths(BertForPreTraining, config)
+    ids, mask, tt, labels, nsp = make_batch(config, [12, 12, 12])
+    mask[0, 3:6] = 0
+    mask[2, 10] = 0
+    labels[mask == 0] = -100
+    labels[:, 0] = 5  # at least one label in each row, at a real token
+    a = padded(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    b = free(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    torch.testing.assert_close(b.prediction_logits, a.prediction_logits, **TOL)
+    torch.testing.assert_close(b.loss, a.loss, **TOL)
+    a = padded(ids, None, tt, labels=labels, next_sentence_label=nsp)
+    b = free(ids, None, tt, labels=labels, next_sentence_label=nsp)
+    torch.testing.assert_close(b.loss, a.loss, **TOL)
+
+
+def test_supplied_packing_equals_computed_and_is_checked(seed):
+    config = random_config()
+    _, free = two_paths(BertForPreTraining, config)
+    ids, mask, tt, labels, nsp = make_batch(config, [10, 3, 1])
+    packing = Packing.from_mask(mask)
+    assert packing.cu_seqlens.tolist() == [0, 10, 13, 14] and packing.max_seqlen == 10
+    assert packing.cu_seqlens.dtype == torch.int32 and packing.indices.tolist()[9:] == [9, 10, 11, 12, 20]
+    a = free(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    b = free(ids, mask, tt, labels=labels, next_sentence_label=nsp, packing=packing)
+    torch.testing.assert_close(b.loss, a.loss, atol=0, rtol=0)
+    wrong = Packing.from_mask(torch.ones_like(mask))
+    with pytest.raises(ValueError, match="does not describe attention_mask"):
+        free(ids, mask, tt, labels=labels, next_sentence_label=nsp, packing=wrong)
+    with pytest.raises(ValueError, match="describes 2 sequences"):
+        free(ids, mask, tt, labels=labels, next_sentence_label=nsp, packing=Packing.from_mask(mask[:2]))
+    with pytest.raises(TypeError, match="Packing"):
+        free(ids, mask, tt, packing={"cu_seqlens": packing.cu_seqlens})
+    labels[1, 5] = 7  # a label on padding: no packed row there
+    with pytest.raises(ValueError, match="is padding"):
+        free(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+
+
+def test_dropout_in_train_mode_is_statistically_the_padded_path(seed):
+    config = random_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2, num_hidden_layers=1)
+    padded, free = two_paths(BertForPreTraining, config)
+    padded.train(), free.train()
+    ids, mask, tt, labels, nsp = make_batch(config, [14, 1, 9])
+    with torch.no_grad():
+        x, y = free(ids, mask, tt, labels=labels).loss, free(ids, mask, tt, labels=labels).loss
+        assert torch.isfinite(x) and x != y  # dropout is on
+        draws = 24
+        a = torch.stack([padded(ids, mask, tt, labels=labels, next_sentence_label=nsp).loss for _ in range(draws)])
+        b = torch.stack([free(ids, mask, tt, labels=labels, next_sentence_label=nsp).loss for _ in range(draws)])
+    stderr = ((a.var() + b.var()) / draws).sqrt()
+    assert (a.mean() - b.mean()).abs() <= 5 * stderr + 1e-6, (a.mean(), b.mean(), stderr)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def gpu_config():
+    return random_config(vocab_size=1000, hidden_size=384, num_attention_heads=6, intermediate_size=1536,
+                         max_position_embeddings=128)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_selects_padding_free_under_autocast():
+    if not fastbert._backend.has_cuda_kernel("attention_varlen_fwd"):
+        pytest.skip("fastbert._C holds no CUDA attention kernel")
+    model = BertModel(gpu_config()).cuda()
+    ids = torch.ones(2, 8, dtype=torch.long, device="cuda")
+    assert not model.use_padding_free(ids)  # fp32 weights, no autocast: the kernel does not take fp32
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert model.use_padding_free(ids)
+        with fastbert.kernels(False):
+            assert not model.use_padding_free(ids)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_path_vs_twin_vs_fp32_reference(seed):
+    """Tolerance rule under bf16 autocast: loss and a few gradients of the padding-free kernel path
+    against the fp32 reference, at most twice the padded twin path's error (plus a small floor)."""
+    if not fastbert._backend.has_cuda_kernel("attention_varlen_fwd"):
+        pytest.skip("fastbert._C holds no CUDA attention kernel")
+    config = gpu_config()
+    model = BertForPreTraining(config).cuda().eval()
+    # no empty sequence here: its NSP input differs between the paths by design (tested on CPU)
+    ids, mask, tt, labels, nsp = make_batch(config, [100, 37, 1, 128, 64], device="cuda")
+    names = ["bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight",
+             "bert.encoder.layer.1.output.dense.weight", "cls.predictions.transform.dense.weight",
+             "bert.pooler.dense.weight"]
+    params = dict(model.named_parameters())
+
+    def run(kernels, autocast, padding_free):
+        model.zero_grad(set_to_none=True)
+        model.padding_free = padding_free
+        with fastbert.kernels(kernels), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+            out.loss.backward()
+        return [out.loss.detach().double()] + [params[n].grad.double().clone() for n in names]
+
+    ref = run(False, False, False)
+    twin = run(False, True, False)
+    kern = run(True, True, None)
+    assert model.bert.padding_free is None
+    for name, k, t, r in zip(["loss"] + names, kern, twin, ref):
+        k_err, t_err = (k - r).abs().max().item(), (t - r).abs().max().item()
+        floor = 1e-4 * max(r.abs().max().item(), 1.0) if name == "loss" else 1e-3 * r.abs().max().item()
+        assert k_err <= 2 * t_err + floor, (name, k_err, t_err)
+
+
+@pytest.mark.gpu
+def test_gpu_training_step_has_no_host_sync(tmp_path):
+    """The trainer's step (forward, backward, clipping, fused AdamW) under bf16 on the padding-free
+    kernel path, with the packing built on the CPU: no host sync once warm."""
+    import json
+
+    if not fastbert._backend.has_cuda_kernel("attention_varlen_fwd"):
+        pytest.skip("fastbert._C holds no CUDA attention kernel")
+    from fastbert.trainer import Trainer, TrainArgs, batch_stream
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                               "intermediate_size": 256, "model_type": "bert"}))
+    args = TrainArgs(out=str(tmp_path / "run"), config=str(cfg), cache_dir=str(tmp_path / "cache"), steps=10,
+                     batch_size=16, seq_len=64, vocab_size=2000, dupe_factor=1, progress=False, device="cuda")
+    trainer = Trainer(args)
+    assert trainer.precision == "bf16" and trainer.model.check_inputs is False
+    seq_len, batches = trainer._phase_at(0)
+    stream = batch_stream(batches, 0, 0)
+    window = {"sums": torch.zeros(6, dtype=torch.float64, device=trainer.device), "tokens": 0, "steps": 0}
+    trainer.model.train()
+    for _ in range(3):  # warm-up: allocator, fused AdamW state, autotuning
+        trainer._train_step(stream, window)
+    torch.cuda.synchronize()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert trainer.model.bert.use_padding_free(torch.ones(1, 1, dtype=torch.long, device="cuda"))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = trainer._train_step(stream, window)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)
