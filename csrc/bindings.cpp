@@ -178,22 +178,13 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(max_seqlen >= 0 && max_seqlen <= q.size(0), op, ": max_seqlen ", max_seqlen, " out of range");
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                             const at::Tensor& v_in, const at::Tensor& cu_seqlens_in,
-                                                             int64_t max_seqlen, double scale, double dropout_p,
-                                                             int64_t seed, int64_t offset) {
-  check_attention_inputs(q_in, k_in, v_in, cu_seqlens_in, max_seqlen, "attention_varlen_fwd");
-  c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = attention_operand(q_in), k = attention_operand(k_in), v = attention_operand(v_in);
-  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
-  fastbert::AttentionFwdParams p{};
+// The fields the forward and the backward share, from the (already checked) packed tensors.
+void set_attention_problem(fastbert::AttentionProblem& p, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale,
+                           double dropout_p, int64_t seed, int64_t offset, const char* op) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
   p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
   p.q_row_stride = q.stride(0), p.q_head_stride = q.stride(1);
   p.k_row_stride = k.stride(0), p.k_head_stride = k.stride(1);
@@ -205,8 +196,24 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q
   p.total_tokens = q.size(0);
   p.scale = static_cast<float>(scale);
   p.dropout = attention_dropout(dropout_p, seed, offset);
-  p.dtype = attention_dtype(q, "attention_varlen_fwd");
+  p.dtype = attention_dtype(q, op);
   p.stream = current_stream(q);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                             const at::Tensor& v_in, const at::Tensor& cu_seqlens_in,
+                                                             int64_t max_seqlen, double scale, double dropout_p,
+                                                             int64_t seed, int64_t offset) {
+  check_attention_inputs(q_in, k_in, v_in, cu_seqlens_in, max_seqlen, "attention_varlen_fwd");
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = attention_operand(q_in), k = attention_operand(k_in), v = attention_operand(v_in);
+  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  fastbert::AttentionFwdParams p{};
+  set_attention_problem(p, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset, "attention_varlen_fwd");
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
   FASTBERT_CHECK_CUDA(fastbert::attention_fwd(p), "attention_varlen_fwd");
   return {out, lse};
 }
@@ -234,28 +241,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
   fastbert::AttentionBwdParams p{};
+  set_attention_problem(p, q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset, "attention_varlen_bwd");
   p.dout = dout.data_ptr();
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.dq_accum = dq_accum.data_ptr<float>();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
-  p.q_row_stride = q.stride(0), p.q_head_stride = q.stride(1);
-  p.k_row_stride = k.stride(0), p.k_head_stride = k.stride(1);
-  p.v_row_stride = v.stride(0), p.v_head_stride = v.stride(1);
-  p.batch = static_cast<int>(cu_seqlens.size(0) - 1);
-  p.heads = static_cast<int>(q.size(1));
-  p.head_dim = static_cast<int>(q.size(2));
-  p.max_seqlen = static_cast<int>(max_seqlen);
-  p.total_tokens = q.size(0);
-  p.scale = static_cast<float>(scale);
-  p.dropout = attention_dropout(dropout_p, seed, offset);
-  p.dtype = attention_dtype(q, "attention_varlen_bwd");
-  p.stream = current_stream(q);
   FASTBERT_CHECK_CUDA(fastbert::attention_bwd(p), "attention_varlen_bwd");
   return {dq_accum.to(q.scalar_type()), dk, dv};
 }

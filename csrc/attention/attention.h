@@ -20,12 +20,11 @@ struct AttentionDropout {
   uint32_t offset;
 };
 
-struct AttentionFwdParams {
+// What the forward and the backward share: the packed q, k, v and their sequences.
+struct AttentionProblem {
   const void* q;
   const void* k;
   const void* v;
-  void* out;                      // [total, heads, head_dim], contiguous
-  float* lse;                     // [heads, total]
   const int32_t* cu_seqlens;      // [batch + 1], validated by the caller
   int64_t q_row_stride, q_head_stride;  // in elements; must be multiples of 8
   int64_t k_row_stride, k_head_stride;
@@ -38,26 +37,18 @@ struct AttentionFwdParams {
   cudaStream_t stream;
 };
 
-struct AttentionBwdParams {
+struct AttentionFwdParams : AttentionProblem {
+  void* out;                      // [total, heads, head_dim], contiguous
+  float* lse;                     // [heads, total]
+};
+
+struct AttentionBwdParams : AttentionProblem {
   const void* dout;               // [total, heads, head_dim], contiguous
-  const void* q;
-  const void* k;
-  const void* v;
   const float* lse;               // [heads, total], from the forward
   const float* delta;             // [heads, total], rowsum(dout * out) in fp32
   float* dq_accum;                // [total, heads, head_dim] fp32, zeroed by the caller
   void* dk;                       // [total, heads, head_dim], contiguous
   void* dv;                       // [total, heads, head_dim], contiguous
-  const int32_t* cu_seqlens;
-  int64_t q_row_stride, q_head_stride;
-  int64_t k_row_stride, k_head_stride;
-  int64_t v_row_stride, v_head_stride;
-  int batch, heads, head_dim, max_seqlen;
-  int64_t total_tokens;
-  float scale;
-  AttentionDropout dropout;
-  DType dtype;
-  cudaStream_t stream;
 };
 
 // keep[b, h, i, j] (uint8 0/1, [batch, heads, max_seqlen, max_seqlen]) of the rule above; 0

@@ -6,25 +6,13 @@
 #include <cuda_fp16.h>
 
 #include "cross_entropy/cross_entropy.h"
+#include "device_utils.cuh"
 
 namespace fastbert {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kMaxThreads = 256;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Running (max, sum of exp(x - max)) of an online softmax.
 struct MaxSum {
