@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from fastbert import _backend, _validate, ops
 from fastbert.config import BertConfig
 from fastbert.ops.attention import HEAD_DIMS, KERNEL_DTYPES
+from fastbert.ops.gather import Packing
 
 # ----------------------------------------------------------------------------- outputs
 
@@ -65,58 +66,6 @@ class BertForPreTrainingOutput(ModelOutput):
     mlm_loss: torch.Tensor = None
     nsp_loss: torch.Tensor = None
     masked_positions: torch.Tensor = None  # flat indices into batch*seq of the rows in prediction_logits
-
-
-@dataclass
-class Packing:
-    """Where the real tokens of a padded [batch, seq] batch sit, for the padding-free path.
-
-    indices: int64 [tokens], flat positions in batch*seq of the tokens with attention_mask != 0,
-    in order; cu_seqlens: int32 [batch + 1], sequence b owns packed rows cu_seqlens[b] ..
-    cu_seqlens[b+1] - 1; max_seqlen: the longest sequence (a Python int).
-
-    Built from a CPU mask it costs no device sync; from a CUDA mask it syncs twice (nonzero's
-    output size and max_seqlen). The trainer builds it on the CPU batch and moves it with the
-    batch (`model(..., packing=Packing.from_mask(cpu_mask).to(device, non_blocking=True))`).
-    """
-
-    indices: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-
-    @classmethod
-    def from_mask(cls, attention_mask):
-        mask = attention_mask.bool()
-        seqlens = mask.sum(dim=1, dtype=torch.int32)
-        indices = torch.nonzero(mask.flatten()).flatten()
-        cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-        return cls(indices, cu_seqlens, int(seqlens.max()) if seqlens.numel() else 0)
-
-    def to(self, device, non_blocking=False):
-        return Packing(self.indices.to(device, non_blocking=non_blocking),
-                       self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen)
-
-    @property
-    def batch(self):
-        return self.cu_seqlens.shape[0] - 1
-
-    def pack(self, x):
-        """[batch, seq, ...] -> [tokens, ...] (ids and other inputs; no autograd kernel needed)."""
-        return x.reshape(-1, *x.shape[2:]).index_select(0, self.indices)
-
-    def pad(self, packed, seq):
-        """[tokens, ...] -> [batch, seq, ...], zeros at padding."""
-        if packed.shape[0] == 0:  # ops.pad_input cannot reshape a 0-row tensor
-            return packed.new_zeros((self.batch, seq, *packed.shape[1:]))
-        return ops.pad_input(packed, self.indices, self.batch, seq)
-
-    def first_rows(self, packed):
-        """[batch, ...]: each sequence's first real token ([CLS]); zeros for a sequence without one."""
-        starts, ends = self.cu_seqlens[:-1], self.cu_seqlens[1:]
-        if packed.shape[0] == 0:
-            return packed.new_zeros((self.batch, *packed.shape[1:]))
-        rows = packed.index_select(0, starts.clamp(max=packed.shape[0] - 1).long())
-        return torch.where((ends > starts).view(-1, *[1] * (packed.dim() - 1)), rows, torch.zeros_like(rows))
 
 
 # ----------------------------------------------------------------------------- activations
@@ -410,9 +359,7 @@ class BertModel(BertPreTrainedModel):
         batch, seq = input_ids.shape
         if packing is None:
             if given_mask is None:  # every position is a token: no sync needed
-                device = input_ids.device
-                return Packing(torch.arange(batch * seq, device=device),
-                               torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device), seq)
+                return Packing.full(batch, seq, input_ids.device)
             return Packing.from_mask(attention_mask)  # on CUDA: two host syncs
         if not isinstance(packing, Packing):
             raise TypeError(f"packing must be a fastbert.model.Packing, got {type(packing).__name__}")

@@ -90,3 +90,11 @@ def test_gpu_bad_index_never_reaches_kernel():
     with pytest.raises(IndexError):
         gather(x, torch.tensor([10], device="cuda"))
     torch.cuda.synchronize()  # the process is still healthy: no device assert happened
+
+
+def test_empty_batches_pack_and_pad():
+    hidden = torch.randn(2, 3, 4)
+    mask = torch.zeros(2, 3, dtype=torch.long)
+    packed, indices, cu, max_len = unpad_input(hidden, mask)
+    assert packed.shape == (0, 4) and cu.tolist() == [0, 0, 0] and max_len == 0
+    torch.testing.assert_close(pad_input(packed, indices, 2, 3), torch.zeros(2, 3, 4))

@@ -328,25 +328,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if not _use_kernel(q, k, v):
         return attention_twin(q, k, v, attention_mask, dropout_p, scale, training)
-    from fastbert.ops.gather import gather, pad_input
+    from fastbert.ops.gather import Packing
 
     batch, seq, heads, dim = q.shape
     if attention_mask is None:
-        cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
-        packed = [t.reshape(batch * seq, heads, dim) for t in (q, k, v)]
-        out = attention_varlen(*packed, cu_seqlens, seq, dropout_p=dropout_p, scale=scale, training=training,
-                               check=False)
-        return out.reshape(batch, seq, heads, dim)
-    mask = attention_mask.to(device=q.device).bool()
-    seqlens = mask.sum(dim=1, dtype=torch.int32)
-    indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
-    max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
-    cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    packed = [gather(t.reshape(batch * seq, heads * dim), indices, check=False).view(-1, heads, dim)
-              for t in (q, k, v)]
-    out = attention_varlen(*packed, cu_seqlens, max_seqlen, dropout_p=dropout_p, scale=scale, training=training,
-                           check=False)
-    return pad_input(out, indices, batch, seq)
+        packing = Packing.full(batch, seq, q.device)
+    else:
+        packing = Packing.from_mask(attention_mask.to(device=q.device))  # two host syncs
+    packed = [packing.pack(t) for t in (q, k, v)]
+    out = attention_varlen(*packed, packing.cu_seqlens, packing.max_seqlen, dropout_p=dropout_p, scale=scale,
+                           training=training, check=False)
+    return packing.pad(out, seq)
 
 
 def dropout_mask(cu_seqlens: torch.Tensor, heads: int, max_seqlen: int, dropout_p: float, seed: int,

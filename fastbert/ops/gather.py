@@ -8,6 +8,9 @@ batch to packed real tokens and back with the same two ops.
 The CUDA kernels live in csrc/gather/; the pure-PyTorch twins below are the reference and the
 CPU implementation of the registered ops.
 """
+import math
+from dataclasses import dataclass
+
 import torch
 
 from fastbert import _backend, _validate
@@ -102,6 +105,65 @@ def scatter(src: torch.Tensor, index: torch.Tensor, num_rows: int, *, check: boo
     return scatter_rows_twin(src, index.long(), num_rows)
 
 
+@dataclass
+class Packing:
+    """Where the real tokens of a padded [batch, seq] batch sit: the padding-free layout.
+
+    indices: int64 [tokens], flat positions in batch*seq of the tokens with attention_mask != 0,
+    in order; cu_seqlens: int32 [batch + 1], sequence b owns packed rows cu_seqlens[b] ..
+    cu_seqlens[b+1] - 1; max_seqlen: the longest sequence (a Python int).
+
+    Built from a CPU mask it costs no device sync; from a CUDA mask it syncs twice (nonzero's
+    output size and max_seqlen). The trainer builds it on the CPU batch and moves it with the
+    batch (`model(..., packing=Packing.from_mask(cpu_mask).to(device, non_blocking=True))`).
+    """
+
+    indices: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @classmethod
+    def from_mask(cls, attention_mask):
+        mask = attention_mask.bool()
+        seqlens = mask.sum(dim=1, dtype=torch.int32)
+        indices = torch.nonzero(mask.flatten()).flatten()
+        cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+        return cls(indices, cu_seqlens, int(seqlens.max()) if seqlens.numel() else 0)
+
+    @classmethod
+    def full(cls, batch, seq, device=None):
+        """Every position a token (no mask): built without looking at any data, so no sync."""
+        return cls(torch.arange(batch * seq, device=device),
+                   torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device), seq)
+
+    def to(self, device, non_blocking=False):
+        return Packing(self.indices.to(device, non_blocking=non_blocking),
+                       self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen)
+
+    @property
+    def batch(self):
+        return self.cu_seqlens.shape[0] - 1
+
+    def pack(self, x):
+        """[batch, seq, ...] -> [tokens, ...], differentiable (the gather op)."""
+        rows = x.reshape(x.shape[0] * x.shape[1], math.prod(x.shape[2:]))
+        if not x.dtype.is_floating_point:  # ids, token types, positions: no autograd, no kernel needed
+            return rows.index_select(0, self.indices).reshape(-1, *x.shape[2:])
+        return gather(rows, self.indices, check=False).reshape(-1, *x.shape[2:])
+
+    def pad(self, packed, seq):
+        """[tokens, ...] -> [batch, seq, ...], zeros at padding (the scatter op)."""
+        return pad_input(packed, self.indices, self.batch, seq)
+
+    def first_rows(self, packed):
+        """[batch, ...]: each sequence's first real token ([CLS]); zeros for a sequence without one."""
+        starts, ends = self.cu_seqlens[:-1], self.cu_seqlens[1:]
+        if packed.shape[0] == 0:
+            return packed.new_zeros((self.batch, *packed.shape[1:]))
+        rows = packed.index_select(0, starts.clamp(max=packed.shape[0] - 1).long())
+        return torch.where((ends > starts).view(-1, *[1] * (packed.dim() - 1)), rows, torch.zeros_like(rows))
+
+
 def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor):
     """Packed real tokens of a padded batch.
 
@@ -111,19 +173,13 @@ def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor):
     _validate.tensor("hidden", hidden, ndim=(3, 4))
     if attention_mask.shape != hidden.shape[:2]:
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {tuple(hidden.shape[:2])}")
-    mask = attention_mask.bool()
-    seqlens = mask.sum(dim=1, dtype=torch.int32)
-    indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
-    max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    rows = hidden.reshape(hidden.shape[0] * hidden.shape[1], -1)
-    packed = gather(rows, indices, check=False)
-    return packed.reshape(-1, *hidden.shape[2:]), indices, cu_seqlens, max_seqlen
+    packing = Packing.from_mask(attention_mask)
+    return packing.pack(hidden), packing.indices, packing.cu_seqlens, packing.max_seqlen
 
 
 def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """Inverse of unpad_input: [tokens, ...] back to [batch, seq, ...] with zeros at padding."""
-    rows = packed.reshape(packed.shape[0], -1)
+    rows = packed.reshape(packed.shape[0], math.prod(packed.shape[1:]))
     out = scatter(rows, indices, batch * seqlen, check=False)
     return out.reshape(batch, seqlen, *packed.shape[1:])
 
