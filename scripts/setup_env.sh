@@ -18,9 +18,19 @@ pip install -r requirements.txt
 if [ "${1:-}" = "--test" ]; then
   pip install -r requirements-test.txt
 fi
+# Rebuild only when the sources or the build settings changed since the last build.
+stamp=$( (.venv/bin/python -c "import torch; print(torch.__version__)"; cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat;
+          env | { grep -E '^(FASTBERT_FORCE_CUDA|FASTBERT_SKIP_CUDA|TORCH_CUDA_ARCH_LIST|CUDA_HOME)=' || true; } | sort) | sha256sum)
+if [ -f .venv/fastbert-build.stamp ] && [ "$(cat .venv/fastbert-build.stamp)" = "$stamp" ] \
+   && .venv/bin/python -c "import fastbert" 2>/dev/null; then
+  echo "setup: fastbert is built and up to date" >&2
+  exit 0
+fi
 echo "setup: building fastbert (pip install --no-build-isolation -e .; log in .venv/fastbert-build.log)" >&2
+rm -f .venv/fastbert-build.stamp
 if ! pip install --no-build-isolation -e . > .venv/fastbert-build.log; then
   cat .venv/fastbert-build.log >&2
   echo "setup: building fastbert failed (log above)" >&2
   exit 1
 fi
+echo "$stamp" > .venv/fastbert-build.stamp
