@@ -196,3 +196,16 @@ def test_bad_input(tmp_path, cache, tiny_config, capsys):
     (run / "checkpoint.pt").write_bytes(before["checkpoint.pt"][:1000])
     _one_line_error(["--out", str(run), "--resume", "--steps", "8"], "checkpoint", capsys)
     assert (run / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
+
+
+def test_init_continues_from_a_pretrained_model(tmp_path, cache, tiny_config):
+    from fastbert import BertForPreTraining
+    from fastbert.trainer import Trainer
+    pretrain(quick_args(tmp_path / "src", cache, tiny_config, steps=4))
+    source = BertForPreTraining.from_pretrained(tmp_path / "src" / "model")
+    args = quick_args(tmp_path / "cont", cache, None, init=str(tmp_path / "src" / "model"), config=None)
+    trainer = Trainer(args, given={f for f in args.__dataclass_fields__ if f != "config"})
+    assert trainer.tokenizer.vocab_size == source.config.vocab_size
+    for (name, a), b in zip(trainer.model.state_dict().items(), source.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert trainer.train()["step"] == 12
