@@ -10,17 +10,11 @@ import torch
 import fastbert
 from fastbert import BertConfig, BertForPreTraining, BertModel
 
+from bert_inputs import make_batch, random_config
+
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def random_config(**overrides):
-    # odd sizes on purpose: hidden 96 with 6 heads (head_dim 16), intermediate not a power of two
-    base = dict(vocab_size=131, hidden_size=96, num_hidden_layers=2, num_attention_heads=6,
-                intermediate_size=150, max_position_embeddings=40, type_vocab_size=2)
-    base.update(overrides)
-    return BertConfig(**base)
 
 
 def hf_config(config, attn="eager"):
@@ -36,23 +30,6 @@ def pair(config, cls=BertForPreTraining, hf_cls=None, attn="eager"):
     theirs = hf_cls(hf_config(config, attn)).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     return ours, theirs
-
-
-def batch(config, lengths, seed_labels=True):
-    b, s = len(lengths), max(lengths)
-    ids = torch.randint(1, config.vocab_size, (b, s))
-    mask = torch.zeros(b, s, dtype=torch.long)
-    tt = torch.zeros(b, s, dtype=torch.long)
-    labels = torch.full((b, s), -100)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-        ids[i, n:] = 0
-        tt[i, n // 2:n] = 1
-        if n:
-            pos = torch.randperm(n)[: max(1, n // 6)]
-            labels[i, pos] = torch.randint(0, config.vocab_size, (len(pos),))
-    nsp = torch.randint(0, 2, (b,))
-    return ids, mask, tt, labels, nsp
 
 
 def test_state_dict_keys_identical_to_transformers():
@@ -75,7 +52,7 @@ def test_config_defaults_match_transformers():
 def test_bert_model_outputs_match(seed, attn):
     config = random_config()
     ours, theirs = pair(config, BertModel, attn=attn)
-    ids, mask, tt, _, _ = batch(config, [13, 7, 1, 29])
+    ids, mask, tt, _, _ = make_batch(config, [13, 7, 1, 29])
     a = ours(ids, mask, tt, output_hidden_states=True)
     b = theirs(input_ids=ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True)
     real = mask.bool()
@@ -91,7 +68,7 @@ def test_bert_model_outputs_match(seed, attn):
 def test_position_ids_and_default_token_types(seed):
     config = random_config()
     ours, theirs = pair(config, BertModel)
-    ids, mask, _, _, _ = batch(config, [9, 9])
+    ids, mask, _, _, _ = make_batch(config, [9, 9])
     pos = torch.randint(0, config.max_position_embeddings, ids.shape)
     a = ours(ids, mask, position_ids=pos)
     b = theirs(input_ids=ids, attention_mask=mask, position_ids=pos)
@@ -101,7 +78,7 @@ def test_position_ids_and_default_token_types(seed):
 def test_pretraining_loss_and_gradients_match(seed):
     config = random_config()
     ours, theirs = pair(config)
-    ids, mask, tt, labels, nsp = batch(config, [17, 11, 5])
+    ids, mask, tt, labels, nsp = make_batch(config, [17, 11, 5])
     a = ours(ids, mask, tt, labels=labels, next_sentence_label=nsp)
     b = theirs(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels, next_sentence_label=nsp)
     torch.testing.assert_close(a.loss, b.loss, **TOL)
@@ -121,7 +98,7 @@ def test_pretraining_loss_and_gradients_match(seed):
 def test_masked_positions_given_equals_searched(seed):
     config = random_config()
     model = BertForPreTraining(config).eval()
-    ids, mask, tt, labels, nsp = batch(config, [12, 12])
+    ids, mask, tt, labels, nsp = make_batch(config, [12, 12])
     positions = torch.nonzero(labels.flatten() != -100).flatten()
     a = model(ids, mask, tt, labels=labels, next_sentence_label=nsp)
     b = model(ids, mask, tt, labels=labels, next_sentence_label=nsp, masked_positions=positions)
@@ -133,7 +110,7 @@ def test_masked_positions_given_equals_searched(seed):
 def test_without_labels_full_logits_like_transformers(seed):
     config = random_config()
     ours, theirs = pair(config)
-    ids, mask, tt, _, _ = batch(config, [8, 6])
+    ids, mask, tt, _, _ = make_batch(config, [8, 6])
     a = ours(ids, mask, tt)
     b = theirs(input_ids=ids, attention_mask=mask, token_type_ids=tt)
     assert a.loss is None and b.loss is None
@@ -143,7 +120,7 @@ def test_without_labels_full_logits_like_transformers(seed):
 def test_fully_padded_row_finite_and_no_labels_finite_loss(seed):
     config = random_config()
     model = BertForPreTraining(config).eval()
-    ids, mask, tt, labels, nsp = batch(config, [6, 0])
+    ids, mask, tt, labels, nsp = make_batch(config, [6, 0])
     out = model(ids, mask, tt, labels=labels, next_sentence_label=nsp)
     assert torch.isfinite(out.prediction_logits).all() and torch.isfinite(out.loss)
     assert torch.isfinite(model.bert(ids, mask, tt).last_hidden_state).all()
@@ -157,7 +134,7 @@ def test_fully_padded_row_finite_and_no_labels_finite_loss(seed):
 def test_dropout_train_and_eval(seed):
     config = random_config(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
     model = BertModel(config)
-    ids, mask, tt, _, _ = batch(config, [10, 10])
+    ids, mask, tt, _, _ = make_batch(config, [10, 10])
     model.train()
     a, b = model(ids, mask, tt).last_hidden_state, model(ids, mask, tt).last_hidden_state
     assert not torch.allclose(a, b)
@@ -179,7 +156,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path, seed):
     ours.save_pretrained(tmp_path)
     theirs, info = transformers.BertForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    ids, mask, tt, labels, nsp = batch(config, [9, 4])
+    ids, mask, tt, labels, nsp = make_batch(config, [9, 4])
     a = ours(ids, mask, tt, labels=labels, next_sentence_label=nsp).loss
     b = theirs.eval()(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels, next_sentence_label=nsp).loss
     torch.testing.assert_close(a, b, **TOL)
@@ -202,7 +179,7 @@ def test_from_pretrained_reads_transformers_files(tmp_path, seed, safe):
         warnings.simplefilter("error")  # no missing or unexpected keys
         ours = BertForPreTraining.from_pretrained(tmp_path).eval()
     assert ours.config.hidden_size == config.hidden_size
-    ids, mask, tt, labels, nsp = batch(config, [7, 7])
+    ids, mask, tt, labels, nsp = make_batch(config, [7, 7])
     torch.testing.assert_close(ours(ids, mask, tt, labels=labels, next_sentence_label=nsp).loss,
                                theirs(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels,
                                       next_sentence_label=nsp).loss, **TOL)
@@ -271,7 +248,7 @@ def test_config_round_trip_and_errors(tmp_path):
 def test_bad_input_is_a_clear_python_error(case, exc, match):
     config = random_config()
     model = BertForPreTraining(config).eval()
-    ids, mask, tt, labels, nsp = batch(config, [6, 6])
+    ids, mask, tt, labels, nsp = make_batch(config, [6, 6])
     kwargs = dict(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels, next_sentence_label=nsp)
     if case == "id_high":
         ids[0, 1] = config.vocab_size
@@ -316,7 +293,7 @@ def test_gpu_kernels_match_twins(seed, dtype):
     config = random_config(vocab_size=1000, hidden_size=384, num_attention_heads=6, intermediate_size=1536,
                            max_position_embeddings=128)
     model = BertForPreTraining(config).cuda().eval()
-    ids, mask, tt, labels, nsp = (t.cuda() for t in batch(config, [100, 37, 1, 128]))
+    ids, mask, tt, labels, nsp = (t.cuda() for t in make_batch(config, [100, 37, 1, 128]))
     with torch.no_grad():
         with fastbert.kernels(False):  # the fp32 reference
             ref = model(ids, mask, tt, labels=labels, next_sentence_label=nsp).loss.double()
