@@ -6,6 +6,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "layernorm/layernorm.h"
 #include "device_utils.cuh"
 
@@ -229,14 +231,16 @@ int num_sms() {
   return sms;
 }
 
-template <typename T, int VEC>
-cudaError_t launch_fwd(const LayerNormFwdParams& p, const Config& c, int grid) {
-  switch (c.nv) {
-    case 1: layernorm_fwd_kernel<T, VEC, 1><<<grid, c.threads, 0, p.stream>>>(p); break;
-    case 2: layernorm_fwd_kernel<T, VEC, 2><<<grid, c.threads, 0, p.stream>>>(p); break;
-    case 4: layernorm_fwd_kernel<T, VEC, 4><<<grid, c.threads, 0, p.stream>>>(p); break;
-    default:  // only the scalar path needs 8 packs per thread for hidden <= kLayerNormMaxHidden
-      if constexpr (VEC == 1) layernorm_fwd_kernel<T, VEC, 8><<<grid, c.threads, 0, p.stream>>>(p);
+// Calls launch(std::integral_constant<int, NV>{}) for the packs per thread the config chose;
+// only the scalar path (VEC == 1) needs 8 packs per thread for hidden <= kLayerNormMaxHidden.
+template <int VEC, typename Launch>
+cudaError_t with_packs_per_thread(int nv, Launch&& launch) {
+  switch (nv) {
+    case 1: launch(std::integral_constant<int, 1>{}); break;
+    case 2: launch(std::integral_constant<int, 2>{}); break;
+    case 4: launch(std::integral_constant<int, 4>{}); break;
+    default:
+      if constexpr (VEC == 1) launch(std::integral_constant<int, 8>{});
       else return cudaErrorInvalidValue;
       break;
   }
@@ -244,17 +248,17 @@ cudaError_t launch_fwd(const LayerNormFwdParams& p, const Config& c, int grid) {
 }
 
 template <typename T, int VEC>
+cudaError_t launch_fwd(const LayerNormFwdParams& p, const Config& c, int grid) {
+  return with_packs_per_thread<VEC>(c.nv, [&](auto nv) {
+    layernorm_fwd_kernel<T, VEC, decltype(nv)::value><<<grid, c.threads, 0, p.stream>>>(p);
+  });
+}
+
+template <typename T, int VEC>
 cudaError_t launch_bwd(const LayerNormBwdParams& p, const Config& c, int grid) {
-  switch (c.nv) {
-    case 1: layernorm_bwd_kernel<T, VEC, 1><<<grid, c.threads, 0, p.stream>>>(p); break;
-    case 2: layernorm_bwd_kernel<T, VEC, 2><<<grid, c.threads, 0, p.stream>>>(p); break;
-    case 4: layernorm_bwd_kernel<T, VEC, 4><<<grid, c.threads, 0, p.stream>>>(p); break;
-    default:  // only the scalar path needs 8 packs per thread for hidden <= kLayerNormMaxHidden
-      if constexpr (VEC == 1) layernorm_bwd_kernel<T, VEC, 8><<<grid, c.threads, 0, p.stream>>>(p);
-      else return cudaErrorInvalidValue;
-      break;
-  }
-  return cudaGetLastError();
+  return with_packs_per_thread<VEC>(c.nv, [&](auto nv) {
+    layernorm_bwd_kernel<T, VEC, decltype(nv)::value><<<grid, c.threads, 0, p.stream>>>(p);
+  });
 }
 
 template <typename T>
