@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import _backend, _validate
+from fastbert.ops.gather import Packing
 
 HEAD_DIMS = (32, 64, 128)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -324,19 +325,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
     _check_qkv(q, k, v, 4)
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(q.shape[:2]):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {tuple(q.shape[:2])}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    scale, p = _scale_and_p(q, dropout_p, scale, training)
     if not _use_kernel(q, k, v):
-        return attention_twin(q, k, v, attention_mask, dropout_p, scale, training)
-    from fastbert.ops.gather import Packing
-
+        return attention_twin(q, k, v, attention_mask, p, scale, training)
     batch, seq, heads, dim = q.shape
     if attention_mask is None:
         packing = Packing.full(batch, seq, q.device)
     else:
         packing = Packing.from_mask(attention_mask.to(device=q.device))  # two host syncs
     packed = [packing.pack(t) for t in (q, k, v)]
-    out = attention_varlen(*packed, packing.cu_seqlens, packing.max_seqlen, dropout_p=dropout_p, scale=scale,
+    out = attention_varlen(*packed, packing.cu_seqlens, packing.max_seqlen, dropout_p=p, scale=scale,
                            training=training, check=False)
     return packing.pad(out, seq)
 
