@@ -353,6 +353,9 @@ def read_binary(so, cuobjdump):
         sass = subprocess.run([cuobjdump, "-sass", "-fun", ",".join(stacked), so], capture_output=True, text=True)
         spills = parse_sass_spills(sass.stdout)
         for r in res:
+            if r.mangled in stacked and (r.arch, r.mangled) not in spills:
+                raise SystemExit(f"kernel_report: cuobjdump -sass gave no sm_{r.arch} code for {r.mangled}, which has "
+                                 f"a stack frame; cannot count its spills ({sass.stderr.strip()[:500]})")
             r.spill_stores, r.spill_loads = spills.get((r.arch, r.mangled), (0, 0))
     return res
 
