@@ -137,9 +137,9 @@ def extension_modules():
         sources += sorted(glob.glob(os.path.join("csrc", "*", "*.cu")))
         define_macros.append(("FASTBERT_WITH_CUDA", "1"))
         codes = cuda_arch_codes()
-        if codes is not None:
-            define_macros += [("FASTBERT_SASS_ARCHS", ",".join(map(str, codes[0]))),
-                              ("FASTBERT_PTX_ARCHS", ",".join(map(str, codes[1])))]
+        if codes is not None:  # for bindings.cpp, through g++ only: nvcc would split the commas of -D
+            cxx += [f"-DFASTBERT_SASS_ARCHS={','.join(map(str, codes[0]))}",
+                    f"-DFASTBERT_PTX_ARCHS={','.join(map(str, codes[1]))}"]
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                 "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
