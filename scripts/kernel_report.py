@@ -138,11 +138,13 @@ class Resources:
     spill_loads: int = 0
 
     def static_smem(self) -> int:
-        """Static shared memory the kernel declares. From sm_80 on cuobjdump's SHARED includes the
-        1 KiB the system reserves per block whenever the kernel uses shared memory (checked against
-        ptxas -v: 256 B declared, SHARED:1280)."""
-        reserved = limits(self.arch).reserved_smem if self.arch in SM_LIMITS else 0
-        return self.shared - reserved if reserved and self.shared >= reserved else self.shared
+        """Static shared memory the kernel declares. In sm_90 (and, we assume, newer) code
+        cuobjdump's SHARED includes the 1 KiB the system reserves per block whenever the kernel
+        uses shared memory; in sm_80 code it does not (checked against ptxas -v: 256 B declared
+        shows as SHARED:1280 for sm_90, SHARED:256 for sm_80)."""
+        if self.arch >= 90 and self.shared >= limits(self.arch).reserved_smem:
+            return self.shared - limits(self.arch).reserved_smem
+        return self.shared
 
 
 def parse_res_usage(text: str):

@@ -71,7 +71,7 @@ def test_same_family():
 RES_USAGE = """
 Fatbin elf code:
 ================
-arch = sm_80
+arch = sm_90
 code version = [1,8]
 
 Resource usage:
@@ -84,11 +84,13 @@ Resource usage:
 
 Fatbin elf code:
 ================
-arch = sm_75
+arch = sm_80
 
 Resource usage:
  Function _Z5cleanv:
   REG:38 STACK:0 SHARED:256 LOCAL:0 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z6reducev:
+  REG:32 STACK:0 SHARED:2112 LOCAL:0 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0
 """
 
 SASS = """
@@ -113,9 +115,10 @@ arch = sm_80
 def test_parse_res_usage_per_architecture():
     res = KR.parse_res_usage(RES_USAGE)
     assert [(r.arch, r.mangled, r.registers, r.stack, r.shared) for r in res] == [
-        (80, "_Z4spillv", 255, 24, 1024), (80, "_Z5cleanv", 40, 0, 1280), (75, "_Z5cleanv", 38, 0, 256)]
-    # sm_80 counts the 1 KiB reserved per block in SHARED; sm_75 reserves nothing
-    assert [r.static_smem() for r in res] == [0, 256, 256]
+        (90, "_Z4spillv", 255, 24, 1024), (90, "_Z5cleanv", 40, 0, 1280), (80, "_Z5cleanv", 38, 0, 256),
+        (80, "_Z6reducev", 32, 0, 2112)]
+    # sm_90 code counts the 1 KiB reserved per block in SHARED; sm_80 code does not
+    assert [r.static_smem() for r in res] == [0, 256, 256, 2112]
 
 
 def test_parse_sass_counts_local_store_and_load_bytes():
