@@ -142,8 +142,13 @@ def device_problem(device):
     """capability_problem for a CUDA device (looked up once per device)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _device_problems:
-        _device_problems[index] = capability_problem(torch.cuda.get_device_capability(index), built_archs())
+        _device_problems[index] = _look_up_device(index)
     return _device_problems[index]
+
+
+@torch.compiler.disable  # once per device; under torch.compile a graph break, not a traced driver query
+def _look_up_device(index):
+    return capability_problem(torch.cuda.get_device_capability(index), built_archs())
 
 
 def smem_per_block_optin(device) -> int:

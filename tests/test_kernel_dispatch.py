@@ -99,6 +99,7 @@ def test_extension_records_its_architectures():
 def _props(monkeypatch, optin):
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(shared_memory_per_block_optin=optin))
+    monkeypatch.setattr(A, "_smem_problems", {})  # a new "device": forget what was looked up
 
 
 @needs_smem_op

@@ -274,8 +274,20 @@ def smem_problem(head_dim: int, element_size: int, device, backward: bool):
     """Why the CUDA device cannot give the kernel for head_dim the shared memory its launcher asks
     for (a reason), or None. The size comes from the launcher's own formula, through the extension
     (csrc/attention/attention.h); head_dim 128's backward needs more than sm_86/89/120's 99 KiB."""
-    if torch.device(device).type != "cuda" or not _backend.has_op("attention_smem_bytes"):
+    device = torch.device(device)
+    if device.type != "cuda" or not _backend.has_op("attention_smem_bytes"):
         return None  # no GPU to ask, or an extension from before the op (the launch reports it)
+    key = (device.index, head_dim, element_size, backward)
+    if key not in _smem_problems:
+        _smem_problems[key] = _look_up_smem(head_dim, element_size, device, backward)
+    return _smem_problems[key]
+
+
+_smem_problems = {}
+
+
+@torch.compiler.disable  # once per device and shape; under torch.compile a graph break, not traced
+def _look_up_smem(head_dim, element_size, device, backward):
     need = torch.ops.fastbert.attention_smem_bytes(head_dim, element_size, backward)
     have = _backend.smem_per_block_optin(device)
     if need <= have:
