@@ -169,3 +169,14 @@ def test_backward_falls_back_to_the_twin_once(monkeypatch, fresh_backend, seed, 
         assert len(messages) == 1 and "backward kernel does not fit" in messages[0] and "head_dim 128" in messages[0]
     else:
         assert twin_calls == [] and messages == []
+
+
+@needs_cuda_build
+def test_check_command_does_not_run_kernels_on_an_unsupported_gpu(monkeypatch, fresh_backend, capsys):
+    from fastbert.commands import check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 0))  # V100
+    assert check.run(types.SimpleNamespace(device="cuda:0")) == 0  # on a CPU machine, a kernel run would raise
+    out = capsys.readouterr().out
+    assert "cannot run on cuda:0" in out and "7.0" in out and "twin" in out

@@ -24,6 +24,11 @@ def run(args):
         print("fastbert check: fastbert._C holds no CUDA kernels (built with FASTBERT_SKIP_CUDA=1, "
               "or without nvcc); rebuild with `pip install --no-build-isolation -e .`.")
         return 1
+    why = _backend.device_problem(torch.device(args.device))
+    if why is not None:  # running a kernel there would cost the process its CUDA context
+        print(f"fastbert check: the CUDA kernels cannot run on {args.device}: {why}. Every op uses its "
+              "PyTorch twin there.")
+        return 0
     results = []
     for name in CHECKED_MODULES:
         module = importlib.import_module(f"fastbert.ops.{name}")
