@@ -200,6 +200,12 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && cu_seqlens.is_cuda(), op, ": expected CUDA tensors");
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device() && cu_seqlens.device() == q.device(), op,
               ": tensors are on different devices");
+  // Below sm_80 the kernels' mma.sync path is __trap(), which would cost the process its CUDA context.
+  int major = 0, minor = 0;
+  FASTBERT_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()), op);
+  FASTBERT_CHECK_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index()), op);
+  TORCH_CHECK(major >= 8, op, ": the attention kernels need compute capability 8.0 or newer; ", q.device(), " is ",
+              major, ".", minor, " (fastbert.ops.attention runs the PyTorch twin there)");
   TORCH_CHECK(q.dim() == 3, op, ": q must be [total_tokens, heads, head_dim], got ", q.dim(), "-d");
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": q, k, v must have one shape");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
