@@ -274,7 +274,7 @@ class Trainer:
         return ckpt
 
     def _prepare_data(self):
-        from fastbert.data import MaskingCollator, prepare_pretraining_data
+        from fastbert.data import MaskingCollator, prepare_pretraining_data, split_heldout
         a = self.a
         tokenizer_path = a.tokenizer or a.init
         if self.checkpoint is not None:
@@ -299,9 +299,8 @@ class Trainer:
         eval_collator = MaskingCollator(self.tokenizer, whole_word_mask=a.whole_word_mask, seed=a.seed + 1)
         self.phases, self.eval_sets = [], []
         for (_, instances, _), seq_len in zip(phases, lengths):
-            order = np.random.default_rng([a.seed, 7]).permutation(len(instances))
             n_eval = max(1, min(int(len(instances) * a.eval_fraction), a.eval_batches * a.batch_size))
-            train_idx, eval_idx = np.sort(order[n_eval:]), np.sort(order[:n_eval])
+            train_idx, eval_idx = split_heldout(instances, n_eval, seed=[a.seed, 7])
             self.phases.append((seq_len, Batches(instances, train_idx, collator, a.batch_size, a.seed,
                                                  self.world, self.rank)))
             self.eval_sets.append([eval_collator([instances[i] for i in eval_idx[s:s + a.batch_size]])

@@ -92,7 +92,7 @@ def test_unreadable_corpus(tmp_path):
 
 def test_tokenize_corpus_is_cached(tmp_path):
     corpus = Corpus([["The lobster is blue.", "It is red when cooked."], ["!!!"], ["Another document here."]])
-    tok = Tokenizer.train(corpus.documents * 20, vocab_size=120, min_frequency=1)
+    tok = Tokenizer.train(corpus.documents * 20, vocab_size=50)
     docs = tokenize_corpus(corpus, tok, tmp_path)
     assert docs == [[tok.encode(s) for s in d] for d in corpus.documents]
     assert len(list(tmp_path.iterdir())) == 1
@@ -102,7 +102,8 @@ def test_tokenize_corpus_is_cached(tmp_path):
             raise AssertionError("tokenized again despite the cache")
     cached = Exploding(tok.backend, lowercase=True)
     assert tokenize_corpus(corpus, cached, tmp_path) == docs
-    other = Tokenizer.train(corpus.documents * 20, vocab_size=130, min_frequency=1)
+    other = Tokenizer.train(corpus.documents * 20, vocab_size=60)
+    assert other.vocab_size == 60 and tok.vocab_size == 50
     tokenize_corpus(corpus, other, tmp_path)
     assert len(list(tmp_path.iterdir())) == 2  # keyed by the tokenizer too
     with pytest.raises(AssertionError, match="tokenized again"):

@@ -1,10 +1,11 @@
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fastbert.data import create_pairs, truncate_seq_pair
+from fastbert.data import create_pairs, prepare_pretraining_data, split_heldout, truncate_seq_pair
 
 CLS, SEP = 2, 3
 DOC_STRIDE = 1_000_000
@@ -56,14 +57,55 @@ def test_layout_and_sources(pairs):
             assert inst.doc_b != inst.doc_a  # B from another document exactly when NotNext
 
 
-def test_not_next_rate(pairs):
+def test_labels_are_half_is_next(pairs):
     instances, stats = pairs
     labels = np.array([i.next_sentence_label for i in instances])
-    assert labels.sum() == stats["coin_not_next"] + stats["forced_not_next"]
-    assert (labels == 0).sum() == stats["coin_is_next"]
+    assert labels.sum() == stats["not_next"] == (stats["coin_not_next"] + stats["balance_not_next"]
+                                                 + stats["forced_not_next"])
+    assert (labels == 0).sum() == stats["is_next"] == stats["coin_is_next"] + stats["balance_is_next"]
+    # one-segment chunks are always NotNext (a coin for the rest gave 55-60% NotNext) ...
+    assert stats["forced_not_next"] > 0.05 * len(instances)
+    # ... and the other chunks make up for them
+    assert abs((labels == 0).mean() - 0.5) < 0.01
     flips = stats["coin_not_next"] + stats["coin_is_next"]
-    assert flips > 2000
+    assert flips > 500
     assert abs(stats["coin_not_next"] / flips - 0.5) < five_sigma(0.5, flips)
+
+
+def test_split_heldout_keeps_the_balance(pairs):
+    instances, _ = pairs
+    labels = np.array([i.next_sentence_label for i in instances])
+    for n in (640, 101, 1):
+        train, held = split_heldout(instances, n, seed=[0, 7])
+        assert len(held) == n and len(train) + n == len(instances)
+        assert (np.diff(train) > 0).all() and (np.diff(held) > 0).all()
+        assert not set(train.tolist()) & set(held.tolist())
+        assert abs((labels[held] == 0).sum() - n * (labels == 0).mean()) <= 1
+        assert abs((labels[train] == 0).mean() - 0.5) < 0.01
+    again, held = split_heldout(instances, 640, seed=[0, 7])[0], split_heldout(instances, 640, seed=[1, 7])[1]
+    assert (again == split_heldout(instances, 640, seed=[0, 7])[0]).all()
+    assert set(held.tolist()) != set(split_heldout(instances, 640, seed=[0, 7])[1].tolist())
+    for bad in (0, len(instances), 2.5, True):
+        with pytest.raises(ValueError, match="hold out"):
+            split_heldout(instances, bad, seed=0)
+
+
+WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
+
+
+@pytest.mark.parametrize("corpus", ["embedded", "wikitext-2"])
+@pytest.mark.parametrize("seq_len", [64, 128])
+def test_real_corpora_are_half_is_next(corpus, seq_len, tmp_path):
+    if corpus == "wikitext-2" and not WIKITEXT.is_file():
+        pytest.skip(f"WikiText-2 is not at {WIKITEXT}")
+    stats = {}
+    _, instances, _ = prepare_pretraining_data(None if corpus == "embedded" else str(WIKITEXT),
+                                               vocab_size=2000, seq_len=seq_len, seed=0, cache_dir=tmp_path)
+    labels = np.array([i.next_sentence_label for i in instances])
+    # the trainer's held-out set: 5% of the pairs, at most 20 batches of 32
+    train, held = split_heldout(instances, min(int(len(instances) * 0.05), 640), seed=[0, 7])
+    for part in (labels, labels[train], labels[held]):
+        assert abs((part == 0).mean() - 0.5) <= 0.01
 
 
 def test_lengths_fill_the_target(pairs):

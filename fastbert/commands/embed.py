@@ -9,7 +9,9 @@ HELP = "sentence embeddings (mean/max/cls pooling) from a BERT model directory, 
 def add_arguments(p):
     p.add_argument("--model", required=True, metavar="DIR",
                    help="a model directory (fastbert pretrain's model/, or any BERT transformers can load)")
-    p.add_argument("--input", required=True, metavar="FILE", help="one text per line; - for standard input")
+    p.add_argument("--input", required=True, metavar="FILE",
+                   help="one text per line; - for standard input. Row i of the output is line i; a blank "
+                        "line is embedded as the empty text")
     p.add_argument("--output", required=True, metavar="FILE", help="FILE.npy (float32 [texts, hidden]) or FILE.jsonl")
     p.add_argument("--pooling", default="mean", choices=["mean", "max", "cls"], help="default: mean")
     p.add_argument("--normalize", action="store_true", help="scale each vector to unit length")
@@ -20,18 +22,23 @@ def add_arguments(p):
 
 
 def _read_texts(path):
+    """The lines of `path` (or stdin), split at "\n" only (a trailing "\r" dropped) as `wc -l`,
+    editors and `sed -n` count them, blank ones kept: output row k is input line k + 1."""
     if path == "-":
-        lines = sys.stdin.read().splitlines()
+        text = sys.stdin.read()
     else:
         if not os.path.isfile(path):
             raise OSError(f"--input {path} does not exist or is not a file")
         try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            with open(path, encoding="utf-8", newline="") as f:
+                text = f.read()
         except UnicodeDecodeError:
             raise ValueError(f"--input {path} is not UTF-8 text; expected one text per line") from None
-    texts = [line for line in lines if line.strip()]
-    if not texts:
+    lines = text.split("\n")
+    if lines[-1] == "":  # the newline that ends the last line
+        lines.pop()
+    texts = [line[:-1] if line.endswith("\r") else line for line in lines]
+    if not any(t.strip() for t in texts):
         raise ValueError(f"--input {path} holds no text; expected one text per line")
     return texts
 
@@ -77,4 +84,9 @@ def run(args):
                 f.write(json.dumps({"index": i, "text": text, "embedding": [round(float(x), 7) for x in v]}) + "\n")
     print(f"fastbert embed: {len(texts)} texts -> {args.output} ({vectors.shape[1]} dims, {args.pooling} pooling"
           f"{', normalized' if args.normalize else ''})", file=sys.stderr)
+    blank = [i + 1 for i, t in enumerate(texts) if not t.strip()]
+    if blank:  # kept so that row i stays line i; said so, as a shifted or dropped row would go unseen
+        shown = ", ".join(map(str, blank[:5])) + (", ..." if len(blank) > 5 else "")
+        print(f"fastbert embed: {len(blank)} blank line(s) ({shown}) embedded as the empty text ([CLS] [SEP], "
+              f"as sentence-transformers does) to keep one row per input line", file=sys.stderr)
     return 0

@@ -7,7 +7,8 @@
 from fastbert.data.corpus import (Corpus, embedded_corpus, parse_plain, parse_wikitext, read_corpora,
                                   read_corpus, split_sentences)
 from fastbert.data.masking import IGNORE_INDEX, MaskingCollator, PretrainingDataset, build_dataloader
-from fastbert.data.pairs import MIN_SEQ_LEN, Instance, check_seq_len, create_pairs, truncate_seq_pair
+from fastbert.data.pairs import (MIN_SEQ_LEN, Instance, check_seq_len, create_pairs, split_heldout,
+                                 truncate_seq_pair)
 from fastbert.data.prepare import load_or_train_tokenizer, prepare_pretraining_data
 from fastbert.data.tokenized import default_cache_dir, tokenize_corpus
 from fastbert.data.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -15,7 +16,7 @@ from fastbert.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 __all__ = [
     "Corpus", "embedded_corpus", "parse_plain", "parse_wikitext", "read_corpora", "read_corpus",
     "split_sentences", "IGNORE_INDEX", "MaskingCollator", "PretrainingDataset", "build_dataloader",
-    "MIN_SEQ_LEN", "Instance", "check_seq_len", "create_pairs", "truncate_seq_pair",
+    "MIN_SEQ_LEN", "Instance", "check_seq_len", "create_pairs", "split_heldout", "truncate_seq_pair",
     "load_or_train_tokenizer", "prepare_pretraining_data", "default_cache_dir", "tokenize_corpus",
     "SPECIAL_TOKENS", "Tokenizer",
 ]

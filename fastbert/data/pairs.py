@@ -87,13 +87,26 @@ def _instances_from_document(docs, d, max_seq_length, short_seq_prob, rng, cls_i
         segment = document[i]
         chunk.append(segment)
         chunk_len += len(segment)
-        if i == len(document) - 1 or chunk_len >= target_seq_length:
+        # Unlike the original, a chunk holds two segments at least (unless it ends the document),
+        # even when one alone reaches the target, so it can be split into A and an IsNext B.
+        if i == len(document) - 1 or (chunk_len >= target_seq_length and len(chunk) >= 2):
             a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
             tokens_a = [t for seg in chunk[:a_end] for t in seg]
-            if len(chunk) == 1 or rng.random() < 0.5:
+            # A one-segment chunk can only be NotNext. To keep the labels 50/50 anyway, a chunk
+            # that can be split takes the label that is behind so far, and a coin flip on a tie
+            # (the original flips a coin for every chunk: 55-60% NotNext overall).
+            behind = stats["is_next"] - stats["not_next"]  # > 0: NotNext is behind
+            if len(chunk) == 1:
+                kind = "forced_not_next"
+            elif behind:
+                kind = "balance_not_next" if behind > 0 else "balance_is_next"
+            else:
+                kind = "coin_not_next" if rng.random() < 0.5 else "coin_is_next"
+            stats[kind] += 1
+            if kind.endswith("not_next"):
                 # NotNext. Unlike the original (10 tries that may still pick `d`), draw uniformly
                 # from the *other* documents, so B is from another document exactly when NotNext.
-                stats["forced_not_next" if len(chunk) == 1 else "coin_not_next"] += 1
+                stats["not_next"] += 1
                 label = 1
                 target_b_length = target_seq_length - len(tokens_a)
                 r = rng.randint(0, len(docs) - 2)
@@ -107,7 +120,7 @@ def _instances_from_document(docs, d, max_seq_length, short_seq_prob, rng, cls_i
                         break
                 i -= len(chunk) - a_end  # put the unused segments back
             else:
-                stats["coin_is_next"] += 1
+                stats["is_next"] += 1
                 label, doc_b = 0, d
                 tokens_b = [t for seg in chunk[a_end:] for t in seg]
             tokens_a, tokens_b = truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
@@ -124,11 +137,14 @@ def create_pairs(tokenized_docs, max_seq_length, *, seed, short_seq_prob=0.1, du
     times, then shuffled; `Instance.index` is set to the position in the returned list.
 
     Target length `max_seq_length - 3` (10% of documents-passes a random shorter one); A = a random
-    number of whole segments (sentences) of a chunk; B = the rest of the chunk (IsNext, label 0) or,
-    half of the time or when the chunk has one segment, segments from another document (NotNext,
-    label 1) and the unused segments are put back; then `truncate_seq_pair`. Deterministic for a
-    seed (Python's `random.Random`). Pass a dict as `stats` to get counts of `coin_is_next`,
-    `coin_not_next` and `forced_not_next` (one-segment chunks, which NSP cannot split)."""
+    number of whole segments (sentences) of a chunk; B = the rest of the chunk (IsNext, label 0) or
+    segments from another document (NotNext, label 1) and the unused segments are put back; then
+    `truncate_seq_pair`. A chunk of one segment is always NotNext; every other chunk takes the label
+    that is behind so far, or a coin flip when they are tied, so IsNext and NotNext stay level as
+    far as the one-segment chunks allow. Deterministic for a seed (Python's `random.Random`). Pass a dict as `stats` to
+    get the counts `is_next`, `not_next`, and how each label was chosen: `coin_is_next`,
+    `coin_not_next`, `balance_is_next`, `balance_not_next`, `forced_not_next` (one-segment
+    chunks, which NSP cannot split)."""
     check_seq_len(max_seq_length, max_position_embeddings)
     if not 0.0 <= short_seq_prob <= 1.0:
         raise ValueError(f"short_seq_prob must be in [0, 1], got {short_seq_prob}")
@@ -141,7 +157,8 @@ def create_pairs(tokenized_docs, max_seq_length, *, seed, short_seq_prob=0.1, du
                          f"needs at least two (NotNext takes B from a different document)")
     compact = [docs[d] for d in keep]
     rng = random.Random(seed)
-    counts = {"coin_is_next": 0, "coin_not_next": 0, "forced_not_next": 0}
+    counts = dict.fromkeys(("is_next", "not_next", "coin_is_next", "coin_not_next", "balance_is_next",
+                            "balance_not_next", "forced_not_next"), 0)
     instances = []
     for _ in range(dupe_factor):
         for d in range(len(compact)):
@@ -153,3 +170,23 @@ def create_pairs(tokenized_docs, max_seq_length, *, seed, short_seq_prob=0.1, du
     if stats is not None:
         stats.update(counts)
     return instances
+
+
+def split_heldout(instances, num_heldout, seed):
+    """`(train_indices, heldout_indices)`, both sorted: `num_heldout` instances drawn at random per
+    NSP label, in the proportion of the labels in `instances` (a stratified split), so held-out
+    NSP accuracy is measured on the same 50/50 labels as training, not on a sample that drifts a
+    few points either way. `seed` is anything `numpy.random.default_rng` takes."""
+    n = len(instances)
+    if isinstance(num_heldout, bool) or not isinstance(num_heldout, (int, np.integer)) \
+            or not 0 < num_heldout < n:
+        raise ValueError(f"cannot hold out {num_heldout!r} of {n} instances; expected an int in [1, {n - 1}]")
+    labels = np.fromiter((inst.next_sentence_label for inst in instances), dtype=np.int64, count=n)
+    rng = np.random.default_rng(seed)
+    is_next = rng.permutation(np.flatnonzero(labels == 0))
+    not_next = rng.permutation(np.flatnonzero(labels != 0))
+    k = min(int(round(num_heldout * len(is_next) / n)), len(is_next))
+    k = max(k, num_heldout - len(not_next))
+    heldout = np.concatenate([is_next[:k], not_next[:num_heldout - k]])
+    train = np.concatenate([is_next[k:], not_next[num_heldout - k:]])
+    return np.sort(train), np.sort(heldout)

@@ -26,7 +26,9 @@ def load_or_train_tokenizer(corpus, tokenizer_path=None, vocab_size=8000, lowerc
     directory = None
     if cache_dir is not False:
         root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-        directory = root / "tokenizers" / f"{corpus.fingerprint[:20]}-v{vocab_size}-{'uncased' if lowercase else 'cased'}"
+        # "wp2": the deterministic trainer; a tokenizer cached by the earlier one is not reused.
+        directory = (root / "tokenizers" /
+                     f"{corpus.fingerprint[:20]}-v{vocab_size}-{'uncased' if lowercase else 'cased'}-wp2")
         if (directory / "tokenizer.json").is_file():
             try:
                 return Tokenizer.load(directory)

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -28,6 +29,36 @@ def _iter_texts(documents_or_texts):
                 yield sentence
         else:
             raise TypeError(f"expected str texts or lists of str sentences, got {type(item).__name__}")
+
+
+def _deterministic_specials(tk, texts):
+    """The continuation tokens "##c" of every character c that follows another one inside a word,
+    sorted: passed to `tokenizers`' WordPieceTrainer as extra special tokens so that their ids are
+    fixed before training. Why: the trainer (a BPE trainer underneath) gives "##c" its id when it
+    first meets it while iterating its word counts, a Rust HashMap whose order is random per
+    process, and breaks ties between equally frequent pairs by those ids; so the library alone
+    trains a different vocabulary in every process (7,249 / 7,247 / 7,249 tokens in three runs on
+    the embedded corpus, also with RAYON_NUM_THREADS=1). With every initial id fixed (specials in
+    this order, then the alphabet, which the trainer sorts), the merge order is a function of the
+    corpus. (One corner is left in the library: a merge that re-creates an existing token can put
+    two equal heap entries for one pair, popped in either order; no such merge occurred on the
+    embedded corpus or WikiText-2 at 8,000 tokens, and the tests compare processes.) The helpers are tokens the trainer would add anyway; `train` removes them from the
+    special tokens afterwards. Computed like the trainer's pre-tokenization: a character is part
+    of a word when BertPreTokenizer does not split "a{c}a"."""
+    # Normalizing changes characters one by one (and never across a space), so the distinct
+    # space-separated chunks are normalized, not the whole text: 5x faster on WikiText-2.
+    chunks = set(" ".join(texts).split(" "))
+    normalized = tk.normalizer.normalize_str("\n".join(chunks))
+    chars = set(normalized)
+    breaks = [c for c in chars if len(tk.pre_tokenizer.pre_tokenize_str(f"a{c}a")) != 1]
+    following = set()
+    if breaks:
+        words = set(re.split("[" + re.escape("".join(sorted(breaks))) + "]+", normalized))
+    else:
+        words = {normalized}
+    for word in words:
+        following.update(word[1:])
+    return ["##" + c for c in sorted(following)]
 
 
 def _configure(tk, lowercase):
@@ -75,34 +106,37 @@ class Tokenizer:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def train(cls, documents_or_texts, vocab_size=8000, lowercase=True, *, min_frequency=2,
+    def train(cls, documents_or_texts, vocab_size=8000, lowercase=True, *, min_frequency=0,
               show_progress=False):
         """Train WordPiece on sentences (a Corpus, list of documents, or iterable of str).
 
-        The vocabulary may come out a little larger than `vocab_size` when the corpus's alphabet
-        alone is larger: WordPiece keeps every character it saw."""
+        The same texts and settings give the same vocabulary, with the same ids, in every process
+        (see `_deterministic_specials`). Merges continue down to pairs seen `min_frequency` times
+        (0, as `tokenizers` and transformers' `train_new_from_iterator`: down to pairs seen once),
+        so the vocabulary has `vocab_size` tokens unless every word of the corpus is already one
+        token; it may come out a little larger when the corpus's alphabet alone is larger:
+        WordPiece keeps every character it saw."""
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
             raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
         if vocab_size <= len(SPECIAL_TOKENS):
             raise ValueError(f"vocab size {vocab_size} is too small: it must be larger than the "
                              f"{len(SPECIAL_TOKENS)} special tokens {' '.join(SPECIAL_TOKENS)} "
                              f"(try 1000 or more)")
+        if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 0:
+            raise ValueError(f"min_frequency must be a non-negative int, got {min_frequency!r}")
+        texts = list(_iter_texts(documents_or_texts))
         tk = _HFTokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
         _configure(tk, lowercase)
         trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+            vocab_size=vocab_size, min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS + _deterministic_specials(tk, texts),
             continuing_subword_prefix="##", show_progress=show_progress)
-        seen = [0]
-
-        def texts():
-            for t in _iter_texts(documents_or_texts):
-                seen[0] += 1
-                yield t
-        tk.train_from_iterator(texts(), trainer=trainer)
-        if not seen[0] or tk.get_vocab_size() <= len(SPECIAL_TOKENS):
+        tk.train_from_iterator(texts, trainer=trainer)
+        if not texts or tk.get_vocab_size() <= len(SPECIAL_TOKENS):
             raise ValueError("cannot train a tokenizer on an empty corpus: no text found")
-        # The trainer's token set is deterministic but its id order is not (hash-map iteration):
-        # renumber canonically (specials 0-4, then the rest sorted) so ids and fingerprints repeat.
+        # Ids of merged tokens follow the (now deterministic) merge order; renumber canonically
+        # anyway (specials 0-4, then the rest sorted) so ids read well and repeat across versions.
+        # Rebuilding also drops the "##c" helpers from the special (added) tokens.
         learned = set(tk.get_vocab(with_added_tokens=True)) - set(SPECIAL_TOKENS)
         order = SPECIAL_TOKENS + sorted(learned, key=lambda t: (t.startswith("##"), len(t), t))
         tk = _HFTokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(order)},
