@@ -144,12 +144,24 @@ std::string format(const char* fmt, ...) {
   return buf;
 }
 
+// "fastbert::{anonymous}::layernorm_fwd_kernel<float, 4, 1>" from kernel_name<F>()'s __PRETTY_FUNCTION__.
+std::string clean_name(const char* pretty) {
+  std::string s = pretty;
+  const size_t at = s.find("F = ");
+  if (at == std::string::npos) return s;
+  s = s.substr(at + 4);
+  if (!s.empty() && s.back() == ']') s.pop_back();
+  if (s.rfind("(& ", 0) == 0 && s.back() == ')') s = s.substr(3, s.size() - 4);
+  if (!s.empty() && s[0] == '&') s = s.substr(1);
+  return s;
+}
+
 // Records the first error of this call, with the kernel, the block and the thread.
 void record(cudaError_t code, const std::string& what) {
   if (g_last_error == cudaSuccess) g_last_error = code;
   if (!g_message.empty()) return;
   if (g_launch != nullptr) {
-    g_message = format("kernel %s (launched at %s:%d), block (%u,%u,%u)", g_launch->name, g_launch->file,
+    g_message = format("kernel %s (launched at %s:%d), block (%u,%u,%u)", clean_name(g_launch->name).c_str(), g_launch->file,
                        g_launch->line, g_block_idx.x, g_block_idx.y, g_block_idx.z);
     if (g_thread != nullptr)
       g_message += format(", thread (%u,%u,%u)", g_thread->tid.x, g_thread->tid.y, g_thread->tid.z);

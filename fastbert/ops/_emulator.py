@@ -58,6 +58,7 @@ _SIGNATURES = {
     "emu_attention_dropout_mask": [_P, _P, _I32, _I32, _I32, _I32, _U32, _F32, _U64, _U32],
     "emu_configure": [_I32, _U64, _I32],
     "emu_last_error_message": [],
+    "emu_selftest": [_I32, _P, _P, _P],
 }
 
 
