@@ -122,12 +122,17 @@ def settings(order: str = None, seed: int = None, arch: int = None):
             _settings.update(before)
 
 
+def _configured():
+    lib = load()
+    if _settings["order"] not in ORDERS:
+        raise ValueError(f"FASTBERT_EMULATE_ORDER must be one of {ORDERS}, got {_settings['order']!r}")
+    lib.emu_configure(ORDERS.index(_settings["order"]), _settings["seed"] & (2 ** 64 - 1), _settings["arch"])
+    return lib
+
+
 def _call(op: str, name: str, *args):
     with _lock:
-        lib = load()
-        if _settings["order"] not in ORDERS:
-            raise ValueError(f"FASTBERT_EMULATE_ORDER must be one of {ORDERS}, got {_settings['order']!r}")
-        lib.emu_configure(ORDERS.index(_settings["order"]), _settings["seed"] & (2 ** 64 - 1), _settings["arch"])
+        lib = _configured()
         rc = getattr(lib, name)(*args)
         if rc != 0:
             message = lib.emu_last_error_message().decode(errors="replace")
@@ -220,6 +225,12 @@ def layernorm_fwd(x, residual, weight, bias, eps):
     return y, total, mean, rstd
 
 
+def layernorm_bwd_num_partials(rows, hidden, dtype):
+    """Rows of the backward's workspace on the emulated architecture (one per block of its first kernel)."""
+    with _lock:
+        return _configured().emu_layernorm_bwd_num_partials(rows, hidden, _DTYPES[dtype])
+
+
 def layernorm_bwd(dy, h, mean, rstd, weight):
     _check_cpu("layernorm_bwd", dy, h, mean, rstd, weight)
     if dy.shape != h.shape or dy.dtype != h.dtype:
@@ -230,8 +241,7 @@ def layernorm_bwd(dy, h, mean, rstd, weight):
     dy, h = dy.contiguous(), h.contiguous()
     mean, rstd = mean.contiguous(), rstd.contiguous()
     weight = _fp32_param(weight, hidden, "weight")
-    lib = load()
-    partials = lib.emu_layernorm_bwd_num_partials(rows, hidden, dtype)
+    partials = layernorm_bwd_num_partials(rows, hidden, h.dtype)
     dx = torch.empty_like(h)
     workspace = torch.empty((2, partials, hidden))
     dweight, dbias = torch.empty(hidden), torch.empty(hidden)
