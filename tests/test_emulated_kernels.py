@@ -36,7 +36,7 @@ def assert_ok_fp32_loss(results, refs):
     online softmax over ~100 logits rounds a little more than torch's logsumexp."""
     failed = []
     for r, ref in zip(results, refs):
-        ulp = float(torch.finfo(torch.float32).eps) * float(ref.abs().max()) if r.dtype == "float32" else 0.0
+        ulp = float(torch.finfo(torch.float32).eps) * float(ref.detach().abs().max()) if r.dtype == "float32" else 0.0
         if not (r.ok or (r.written and r.op == "loss" and r.kernel_error <= 2 * r.twin_error + 1e-6 + 2 * ulp)):
             failed.append(r)
     assert results and not failed, failed

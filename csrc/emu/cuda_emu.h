@@ -50,6 +50,11 @@ unsigned vote_raw(int kind, unsigned mask, bool pred, const char* file, int line
 void mma_m16n8k16(bool bf16, float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, const char* file,
                   int line);
 
+void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans, const char* file, int line);
+void cp_async(void* smem, const void* gmem, int bytes, const char* file, int line);
+void cp_async_commit();
+void cp_async_wait(int pending_groups);
+
 enum ShflKind { kShflIdx = 0, kShflXor = 1, kShflUp = 2, kShflDown = 3 };
 enum VoteKind { kBallot = 0, kAny = 1, kAll = 2 };
 
@@ -69,8 +74,12 @@ struct Site {
   }
   template <typename T> T shfl_sync(unsigned m, T v, int src, int w = 32) const { return shfl(kShflIdx, m, v, src, w); }
   template <typename T> T shfl_xor_sync(unsigned m, T v, int x, int w = 32) const { return shfl(kShflXor, m, v, x, w); }
-  template <typename T> T shfl_up_sync(unsigned m, T v, unsigned d, int w = 32) const { return shfl(kShflUp, m, v, d, w); }
-  template <typename T> T shfl_down_sync(unsigned m, T v, unsigned d, int w = 32) const { return shfl(kShflDown, m, v, d, w); }
+  template <typename T> T shfl_up_sync(unsigned m, T v, unsigned d, int w = 32) const {
+    return shfl(kShflUp, m, v, static_cast<int>(d), w);
+  }
+  template <typename T> T shfl_down_sync(unsigned m, T v, unsigned d, int w = 32) const {
+    return shfl(kShflDown, m, v, static_cast<int>(d), w);
+  }
   void syncwarp(unsigned mask = 0xffffffffu) const { ::emu::syncwarp(mask, file, line); }
 };
 

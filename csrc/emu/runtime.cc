@@ -8,6 +8,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <string>
@@ -88,13 +89,21 @@ struct Fiber {
   uint32_t in[10] = {};
   uint32_t out[4] = {};
   void* fake_stack = nullptr;
+  // cp.async: copies issued since the last commit, and the committed groups not yet waited for
+  struct Copy {
+    void* dst;
+    const void* src;
+    int bytes;
+  };
+  std::vector<Copy> uncommitted;
+  std::deque<std::vector<Copy>> groups;
 };
 
 enum Order { kForward = 0, kReverse = 1, kWarpOrder = 2, kRandom = 3 };
 const char* const kOrderNames[] = {"forward", "reverse", "warp", "random"};
 
 // Collective kinds (warp slots): shuffles use their ShflKind, then these.
-enum { kCollSyncwarp = 10, kCollVote = 20, kCollMma = 30 };
+enum { kCollSyncwarp = 10, kCollVote = 20, kCollMma = 30, kCollLdmatrix = 40 };
 
 std::mutex g_mutex;
 std::vector<Fiber> g_fibers(kMaxThreads);
@@ -161,8 +170,8 @@ void record(cudaError_t code, const std::string& what) {
   if (g_last_error == cudaSuccess) g_last_error = code;
   if (!g_message.empty()) return;
   if (g_launch != nullptr) {
-    g_message = format("kernel %s (launched at %s:%d), block (%u,%u,%u)", clean_name(g_launch->name).c_str(), g_launch->file,
-                       g_launch->line, g_block_idx.x, g_block_idx.y, g_block_idx.z);
+    g_message = format("kernel %s (launched at %s:%d), block (%u,%u,%u)", clean_name(g_launch->name).c_str(),
+                       g_launch->file, g_launch->line, g_block_idx.x, g_block_idx.y, g_block_idx.z);
     if (g_thread != nullptr)
       g_message += format(", thread (%u,%u,%u)", g_thread->tid.x, g_thread->tid.y, g_thread->tid.z);
     g_message += format(", order %s: ", kOrderNames[g_order]);
@@ -217,13 +226,35 @@ void yield_to_scheduler(bool dying = false) {
   }
 }
 
+void fiber_main(void* arg);
+}  // namespace
+
+void cp_async_commit() {
+  Fiber& f = g_fibers[g_thread->linear];
+  f.groups.push_back(std::move(f.uncommitted));
+  f.uncommitted.clear();
+}
+
+void cp_async_wait(int pending_groups) {
+  Fiber& f = g_fibers[g_thread->linear];
+  while (static_cast<int>(f.groups.size()) > pending_groups) {
+    for (const Fiber::Copy& c : f.groups.front()) std::memcpy(c.dst, c.src, c.bytes);
+    f.groups.pop_front();
+  }
+}
+
+namespace {
+
 void fiber_main(void* arg) {
 #ifdef EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &g_sched_bottom, &g_sched_size);
 #endif
   (void)arg;
   g_body(g_body_ctx);
-  g_fibers[g_thread->linear].state = State::kDone;
+  Fiber& f = g_fibers[g_thread->linear];
+  cp_async_commit();  // copies never waited for still land, as they would on the GPU
+  cp_async_wait(0);
+  f.state = State::kDone;
   yield_to_scheduler(true);
   __builtin_unreachable();
 }
@@ -236,6 +267,8 @@ void init_fiber(Fiber& f, int linear) {
   f.ctx.warp = linear / 32;
   f.state = State::kRunnable;
   f.fake_stack = nullptr;
+  f.uncommitted.clear();
+  f.groups.clear();
   uintptr_t top = reinterpret_cast<uintptr_t>(f.stack + kStackBytes) & ~uintptr_t(15);
   void** s = reinterpret_cast<void**>(top);
   s[-1] = reinterpret_cast<void*>(&emu_trampoline);  // ret address
@@ -480,9 +513,48 @@ void compute_mma(Fiber* const* lanes, unsigned) {
   }
 }
 
+// ldmatrix .x4: lane l reads matrix i's row l / 4 (or, transposed, rows 2 (l % 4), 2 (l % 4) + 1).
+template <bool kTrans>
+void compute_ldmatrix(Fiber* const* lanes, unsigned) {
+  const char* rows[32];
+  for (int l = 0; l < 32; ++l) std::memcpy(&rows[l], &lanes[l]->bits, sizeof(rows[l]));
+  for (int l = 0; l < 32; ++l) {
+    for (int i = 0; i < 4; ++i) {
+      uint32_t v;
+      if (!kTrans) {
+        std::memcpy(&v, rows[i * 8 + l / 4] + (l % 4) * 4, 4);
+      } else {
+        uint16_t lo, hi;
+        std::memcpy(&lo, rows[i * 8 + 2 * (l % 4)] + (l / 4) * 2, 2);
+        std::memcpy(&hi, rows[i * 8 + 2 * (l % 4) + 1] + (l / 4) * 2, 2);
+        v = lo | (uint32_t(hi) << 16);
+      }
+      lanes[l]->out[i] = v;
+    }
+  }
+}
+
 }  // namespace
 
 // ----------------------------------------------------------------------------- built-ins
+
+void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans, const char* file, int line) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0)
+    fail_here(cudaErrorLaunchFailure, format("%s:%d: ldmatrix row address %p is not 16-byte aligned", file, line,
+                                             row));
+  Fiber& f = self();
+  std::memcpy(&f.bits, &row, sizeof(row));
+  warp_collective(kCollLdmatrix + trans, 0xffffffffu, file, line,
+                  trans ? compute_ldmatrix<true> : compute_ldmatrix<false>);
+  std::memcpy(r, f.out, 16);
+}
+
+void cp_async(void* smem, const void* gmem, int bytes, const char* file, int line) {
+  if (reinterpret_cast<uintptr_t>(smem) % bytes != 0 || reinterpret_cast<uintptr_t>(gmem) % bytes != 0)
+    fail_here(cudaErrorLaunchFailure, format("%s:%d: cp.async of %d bytes from %p to %p: both must be aligned to "
+                                             "its size", file, line, bytes, gmem, smem));
+  g_fibers[g_thread->linear].uncommitted.push_back({smem, gmem, bytes});
+}
 
 void* dynamic_smem() { return g_smem; }
 

@@ -80,10 +80,37 @@ __global__ void trap_kernel(float* out) {
   out[threadIdx.x] = 1.f;
 }
 
+// A [32][8] 16-bit matrix (four 8x8 matrices) to shared memory, then ldmatrix .x4 and .x4.trans:
+// out[lane * 8 + i] = r[i] (as float bits), out[256 + lane * 8 + i] = r_trans[i].
+__global__ void ldmatrix_kernel(const uint16_t* m, float* out) {
+  __shared__ __align__(16) uint16_t tile[32][8];
+  const int lane = threadIdx.x;
+  for (int c = 0; c < 8; ++c) tile[lane][c] = m[lane * 8 + c];
+  __syncwarp();
+  uint32_t r[4], rt[4];
+  fastbert::ldmatrix_x4(r, &tile[lane][0]);
+  fastbert::ldmatrix_x4_trans(rt, &tile[lane][0]);
+  for (int i = 0; i < 4; ++i) {
+    std::memcpy(&out[lane * 8 + i], &r[i], 4);
+    std::memcpy(&out[256 + lane * 8 + i], &rt[i], 4);
+  }
+}
+
+// 64 threads copy 64 x 16 bytes to dynamic shared memory with cp.async; `wait` 0: read before
+// cp.async.wait_group (the poison shows), 1: after it.
+__global__ void cp_async_kernel(const float* src, float* out, int wait) {
+  FASTBERT_DYNAMIC_SHARED(float, smem);
+  fastbert::cp_async_16(smem + threadIdx.x * 4, src + threadIdx.x * 4);
+  fastbert::cp_async_commit();
+  if (wait) fastbert::cp_async_wait<0>();
+  __syncthreads();
+  for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = smem[((threadIdx.x + 1) % 64) * 4 + i];
+}
+
 }  // namespace
 
 // which: 0 collectives (64 threads), 1 mma f16, 2 mma bf16, 3 deadlock, 4 different barriers,
-// 5 bad mask, 6 assert, 7 trap. Returns the cudaError_t.
+// 5 bad mask, 6 assert, 7 trap, 8 ldmatrix, 9 cp.async waited for, 10 cp.async read too early. Returns the cudaError_t.
 extern "C" int emu_selftest(int which, const void* a, const void* b, float* out) {
   emu_begin();
   switch (which) {
@@ -97,6 +124,11 @@ extern "C" int emu_selftest(int which, const void* a, const void* b, float* out)
     case 5: FASTBERT_LAUNCH(1, 32, 0, nullptr, bad_mask_kernel)(out); break;
     case 6: FASTBERT_LAUNCH(1, 32, 0, nullptr, assert_kernel)(out); break;
     case 7: FASTBERT_LAUNCH(1, 32, 0, nullptr, trap_kernel)(out); break;
+    case 8: FASTBERT_LAUNCH(1, 32, 0, nullptr, ldmatrix_kernel)(static_cast<const uint16_t*>(a), out); break;
+    case 9:
+    case 10:
+      FASTBERT_LAUNCH(1, 64, 64 * 16, nullptr, cp_async_kernel)(static_cast<const float*>(a), out, which == 9);
+      break;
     default: break;
   }
   const int err = static_cast<int>(cudaGetLastError());
