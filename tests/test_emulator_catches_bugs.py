@@ -157,6 +157,22 @@ def test_shared_memory_write_out_of_bounds_is_reported_by_asan_with_file_and_lin
     assert "WRITE of size 4" in r.stderr and "csrc/layernorm/layernorm_kernel.cu:190" in r.stderr, r.stderr[-3000:]
 
 
+def test_local_array_out_of_bounds_is_reported_by_asan_with_file_and_line():
+    """Local arrays live on the fibers' stacks, which ASan follows (the switches are annotated)."""
+    lib = _emulator_build.build("asan")
+    env = dict(os.environ, FASTBERT_EMULATE_LIB=str(lib), PYTHONPATH=str(ROOT), **asan_env())
+    code = PRELUDE.format(tests=str(ROOT / "tests")) + textwrap.dedent("""
+        from fastbert.ops import _emulator
+        out = torch.zeros(64)
+        _emulator._call("selftest", "emu_selftest", 11, None, None, out.data_ptr())
+        print("finished")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "finished" not in r.stdout, r.stdout
+    assert "ERROR: AddressSanitizer: stack-buffer-overflow" in r.stderr, r.stderr[-3000:]
+    assert "WRITE of size 4" in r.stderr and "csrc/emu/selftest.cc:" in r.stderr, r.stderr[-3000:]
+
+
 def test_the_unbroken_kernels_pass_the_same_programs():
     """The programs above with the real kernels: no error, no ASan report (so each failure above is
     the break's doing)."""

@@ -107,10 +107,19 @@ __global__ void cp_async_kernel(const float* src, float* out, int wait) {
   for (int i = 0; i < 4; ++i) out[threadIdx.x * 4 + i] = smem[((threadIdx.x + 1) % 64) * 4 + i];
 }
 
+// Writes a[n] of a local float a[8]: with n = 8 an out-of-bounds write on the thread's stack, for
+// AddressSanitizer to report (only ever run on the ASan build).
+__global__ void local_array_kernel(float* out, int n) {
+  volatile float a[8];
+  for (int i = 0; i <= n; ++i) a[i] = static_cast<float>(i);
+  out[threadIdx.x] = a[threadIdx.x % 8];
+}
+
 }  // namespace
 
 // which: 0 collectives (64 threads), 1 mma f16, 2 mma bf16, 3 deadlock, 4 different barriers,
-// 5 bad mask, 6 assert, 7 trap, 8 ldmatrix, 9 cp.async waited for, 10 cp.async read too early. Returns the cudaError_t.
+// 5 bad mask, 6 assert, 7 trap, 8 ldmatrix, 9 cp.async waited for, 10 cp.async read too early,
+// 11 a local array written out of bounds (ASan build only). Returns the cudaError_t.
 extern "C" int emu_selftest(int which, const void* a, const void* b, float* out) {
   emu_begin();
   switch (which) {
@@ -129,6 +138,7 @@ extern "C" int emu_selftest(int which, const void* a, const void* b, float* out)
     case 10:
       FASTBERT_LAUNCH(1, 64, 64 * 16, nullptr, cp_async_kernel)(static_cast<const float*>(a), out, which == 9);
       break;
+    case 11: FASTBERT_LAUNCH(1, 32, 0, nullptr, local_array_kernel)(out, 8); break;
     default: break;
   }
   const int err = static_cast<int>(cudaGetLastError());
