@@ -1,8 +1,9 @@
 """Every CUDA kernel of csrc/ run from its own source on the CPU (the kernel emulator, csrc/emu/),
 under the tolerance rule (fastbert/ops/_check.py: the kernel's error against an fp32/fp64
 reference at most twice the same-dtype twin's), with outputs poisoned first, under at least two
-thread orders (FASTBERT_EMULATE_ORDERS). `bash scripts/emulate.sh` runs this file under every
-order and under AddressSanitizer; without the emulator library the tests skip with a reason.
+thread orders (FASTBERT_EMULATE_ORDERS, default forward and warp). `bash scripts/emulate.sh` runs
+this file under forward and warp, then on the AddressSanitizer build under random; without the
+emulator library the tests skip with a reason.
 """
 import importlib
 import math

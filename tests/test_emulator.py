@@ -144,3 +144,28 @@ def test_ctypes_signatures_cover_every_op():
         assert callable(getattr(_emulator, name)), name
     lib = _emulator.load()
     assert isinstance(lib, ctypes.CDLL)
+
+
+@needs_ops
+def test_environment_routes_the_ops_to_the_emulator():
+    """FASTBERT_EMULATE=1 with FASTBERT_EMULATE_ARCH / _ORDER: fastbert's ops on CPU tensors run the
+    emulated kernels (the sm_86 shared-memory error proves it), and the twins without it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, torch; sys.path.insert(0, 'tests'); import test_emulator as t\n"
+            "from fastbert import _backend\n"
+            "print('emulating', _backend.emulating())\n"
+            "try:\n    t._attention_backward_head_dim_128(); print('ran')\n"
+            "except Exception as e:\n    print(type(e).__name__, str(e)[:60])\n")
+    env = dict(os.environ, PYTHONPATH=str(root), FASTBERT_EMULATE="1", FASTBERT_EMULATE_ARCH="86",
+               FASTBERT_EMULATE_ORDER="warp")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "emulating True" in r.stdout and "EmulatorError fastbert attention_varlen_bwd (emulated, sm_86)" in r.stdout
+    env.pop("FASTBERT_EMULATE")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "emulating False" in r.stdout and "ran" in r.stdout, r.stdout + r.stderr[-2000:]
