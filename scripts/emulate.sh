@@ -25,8 +25,9 @@ FASTBERT_EMULATE_ORDERS=forward,warp "$PY" -m pytest -q -p no:cacheprovider -rs 
 
 echo "== emulated kernels under AddressSanitizer, order random" >&2
 # python is not built with ASan: load libasan first, and libstdc++ with it (ASan's __cxa_throw
-# interceptor needs the real one when torch throws). Any report aborts the run with file:line.
+# interceptor needs the real one when torch throws). Any report aborts the run with file:line;
+# --capture=sys leaves file descriptor 2 alone, so the report is not lost with the process.
 LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)" \
 ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 \
 FASTBERT_EMULATE_LIB="$PWD/build/emu/asan/libfastbert_emu.so" FASTBERT_EMULATE_ORDERS=random \
-  "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_emulator.py tests/test_emulated_kernels.py "$@"
+  "$PY" -m pytest -q -p no:cacheprovider -rs --capture=sys tests/test_emulator.py tests/test_emulated_kernels.py "$@"

@@ -220,10 +220,6 @@ void yield_to_scheduler(bool dying = false) {
   __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
 #endif
   (void)dying;
-  if (g_failed) {  // another thread failed while this one waited: never continue (cannot happen today)
-    f.state = State::kDone;
-    yield_to_scheduler(true);
-  }
 }
 
 void fiber_main(void* arg);
@@ -252,8 +248,10 @@ void fiber_main(void* arg) {
   (void)arg;
   g_body(g_body_ctx);
   Fiber& f = g_fibers[g_thread->linear];
-  cp_async_commit();  // copies never waited for still land, as they would on the GPU
-  cp_async_wait(0);
+  if (!f.uncommitted.empty() || !f.groups.empty()) {  // copies never waited for still land, as on the GPU
+    cp_async_commit();
+    cp_async_wait(0);
+  }
   f.state = State::kDone;
   yield_to_scheduler(true);
   __builtin_unreachable();
@@ -269,6 +267,11 @@ void init_fiber(Fiber& f, int linear) {
   f.fake_stack = nullptr;
   f.uncommitted.clear();
   f.groups.clear();
+#ifdef EMU_ASAN
+  // the previous fiber on this stack never returned from fiber_main: its frames' redzones are
+  // still poisoned at the top of the stack (deeper frames returned, and were unpoisoned then)
+  __asan_unpoison_memory_region(f.stack + kStackBytes - 8192, 8192);
+#endif
   uintptr_t top = reinterpret_cast<uintptr_t>(f.stack + kStackBytes) & ~uintptr_t(15);
   void** s = reinterpret_cast<void**>(top);
   s[-1] = reinterpret_cast<void*>(&emu_trampoline);  // ret address
