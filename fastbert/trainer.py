@@ -10,7 +10,7 @@ import json
 import math
 import os
 import random
-import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +19,15 @@ import numpy as np
 import torch
 
 from fastbert.config import BertConfig, preset
+from fastbert.interrupt import StopRequest
 from fastbert.model import BertForPreTraining, Packing
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 PLOT = "training.png"
 MODEL_DIR = "model"
-RUN_FILES = (CHECKPOINT, METRICS, PLOT, MODEL_DIR)
+ARGS = "args.json"
+RUN_FILES = (CHECKPOINT, METRICS, PLOT, MODEL_DIR, ARGS)
 
 
 class TrainingError(Exception):
@@ -101,6 +103,11 @@ def resolve_precision(name, device):
     if name == "fp16" and device.type != "cuda":
         raise TrainingError("--precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
     return name
+
+
+def flag(name):
+    """The command-line flag that sets TrainArgs field `name`."""
+    return "--no-progress" if name == "progress" else "--" + name.replace("_", "-")
 
 
 def check_args(a):
@@ -265,8 +272,8 @@ class Trainer:
         changed = sorted(k for k in self.given - set(TrainArgs.RESUMABLE)
                          if k in saved and saved[k] != getattr(self.a, k))
         if changed:
-            raise TrainingError(f"--resume continues the run as it was set up; {', '.join('--' + k.replace('_', '-') for k in changed)} "
-                                f"cannot change (only {', '.join('--' + k.replace('_', '-') for k in TrainArgs.RESUMABLE if k not in ('resume', 'out'))} can)")
+            raise TrainingError(f"--resume continues the run as it was set up; {', '.join(map(flag, changed))} "
+                                f"cannot change (only {', '.join(flag(k) for k in TrainArgs.RESUMABLE if k not in ('resume', 'out'))} can)")
         keep = {k for k in TrainArgs.PER_RUN} | (self.given & set(TrainArgs.RESUMABLE))
         self.a = dataclasses.replace(self.a, **{k: v for k, v in saved.items()
                                                 if k not in keep and k in TrainArgs.__dataclass_fields__})
@@ -287,7 +294,7 @@ class Trainer:
                                             seq_len=seq_len, seed=a.seed, cache_dir=a.cache_dir,
                                             dupe_factor=a.dupe_factor,
                                             max_position_embeddings=self.config.max_position_embeddings,
-                                            progress=self.main and a.progress)
+                                            progress=self.main and a.progress and _is_terminal(sys.stderr))
 
         if self.world > 1 and not self.main:  # let rank 0 fill the caches first
             torch.distributed.barrier()
@@ -388,10 +395,29 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         from fastbert.plotting import plot_training
         plot_training(self.records, self.out / PLOT, title=f"fastbert pretrain: {self.out.name}")
+        if getattr(self, "_lines", False):
+            print(self._log_line(record), file=sys.stderr, flush=True)
 
-    def save(self, rng_state=None):
-        """model/ (transformers' format + tokenizer) and the resumable checkpoint, both atomic."""
-        rngs = [rng_state or self._rng_state()]
+    def _log_line(self, r):
+        """A metrics record as one plain line, for logs where a progress bar would be carriage returns."""
+        parts = []
+        if "loss" in r:
+            parts.append(f"loss {r['loss']:.4f} (MLM {r['mlm_loss']:.4f}, NSP {r['nsp_loss']:.4f}), "
+                         f"MLM accuracy {r['mlm_accuracy']:.1%}, lr {r['lr']:.2e}, {r['tokens_per_s']:,.0f} tokens/s")
+        if "eval_mlm_loss" in r:
+            parts.append(f"held-out MLM loss {r['eval_mlm_loss']:.4f}, MLM accuracy {r['eval_mlm_accuracy']:.1%}, "
+                         f"NSP accuracy {r['eval_nsp_accuracy']:.1%}")
+        return f"pretrain step {r['step']}/{self.a.steps}: " + "; ".join(parts)
+
+    def save(self):
+        """The resumable checkpoint and model/ (transformers' format + tokenizer), at a step boundary.
+        A second Ctrl-C waits for the save to end, so that no file is left half written."""
+        stop = getattr(self, "_stop", None)
+        with stop.deferred() if stop is not None else _null():
+            self._save()
+
+    def _save(self):
+        rngs = [self._rng_state()]
         if self.world > 1:
             gathered = [None] * self.world
             torch.distributed.all_gather_object(gathered, rngs[0])
@@ -406,8 +432,11 @@ class Trainer:
                 "rng": rngs, "args": dataclasses.asdict(self.a), "config": self.config.to_dict(),
                 "data_position": {"global_batch": self.step * self.a.grad_accum}}
         tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        try:
+            torch.save(ckpt, tmp)
+            os.replace(tmp, self.out / CHECKPOINT)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ the loop
     def _phase_at(self, step):
@@ -448,15 +477,18 @@ class Trainer:
                 "eval_nsp_accuracy": s[3] / max(s[4], 1)}
 
     def train(self):
+        """Train to --steps (or --stop-at-step). Ctrl-C or SIGTERM stops at the next step boundary with a
+        checkpoint, so that --resume continues bit for bit; a second one stops at once."""
         a = self.a
         self.out.mkdir(parents=True, exist_ok=True)
         if self.main and not a.resume:
             for name in (METRICS, PLOT):  # --overwrite: the old run's curves go
                 (self.out / name).unlink(missing_ok=True)
-            (self.out / "args.json").write_text(json.dumps(dataclasses.asdict(a), indent=2) + "\n")
+            (self.out / ARGS).write_text(json.dumps(dataclasses.asdict(a), indent=2) + "\n")
         end = a.stop_at_step or a.steps
         bar = None
-        if self.main and a.progress:
+        self._lines = self.main and a.progress and not _is_terminal(sys.stderr)  # plain lines, not a bar
+        if self.main and a.progress and not self._lines:
             from tqdm.auto import tqdm
             bar = tqdm(total=a.steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
         self.model.train()
@@ -464,42 +496,55 @@ class Trainer:
         window = {"sums": torch.zeros(6, dtype=torch.float64, device=self.device), "tokens": 0, "steps": 0,
                   "t0": time.perf_counter()}
         start_time, start_step = time.perf_counter(), self.step
-        last_eval = None
-        interrupted = False
+        last_eval, saved_at = None, None
+        self._stop = StopRequest(f"\nfastbert pretrain: stopping after this step with a checkpoint (press Ctrl-C "
+                                 "again to stop at once, keeping the last checkpoint)\n" if self.main else None)
         try:
-            while self.step < end:
-                rng_at_step = self._rng_state()
-                seq_len, batches = self._phase_at(self.step)
-                first = self.step * a.grad_accum  # the global batch this step starts at
-                if stream_key != (seq_len, first):  # a new phase, or the start
-                    stream = batch_stream(batches, first, a.num_workers)
-                step_loss = self._train_step(stream, window).item()  # the step's one host sync, after it is queued
-                stream_key = (seq_len, first + a.grad_accum)
-                self.step += 1
-                if not math.isfinite(step_loss):
-                    raise TrainingError(f"the loss became {step_loss} at step {self.step}; stopping the run (the last "
-                                        "checkpoint is kept; try a lower --lr or --precision bf16 instead of fp16)")
-                last = self.step == a.steps  # (stopping early at --stop-at-step only saves)
-                record = None
-                if self.step % a.log_every == 0 or last:
-                    record = self._window_record(window, seq_len)
-                if self.step % a.eval_every == 0 or last:
-                    last_eval = self.evaluate()
-                    record = {**(record or {"step": self.step}), **last_eval}
-                if record is not None:
-                    self._log(record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{window.get('last_tps', 0):,.0f}")
-                if self.step % a.save_every == 0 or self.step == end:
+            with self._stop:
+                while self.step < end and not self._stop_agreed():
+                    seq_len, batches = self._phase_at(self.step)
+                    first = self.step * a.grad_accum  # the global batch this step starts at
+                    if stream_key != (seq_len, first):  # a new phase, or the start
+                        stream = batch_stream(batches, first, a.num_workers)
+                    step_loss = self._train_step(stream, window).item()  # the step's one host sync, after it is queued
+                    stream_key = (seq_len, first + a.grad_accum)
+                    self.step += 1
+                    if not math.isfinite(step_loss):
+                        raise TrainingError(f"the loss became {step_loss} at step {self.step}; stopping the run (the last "
+                                            "checkpoint is kept; try a lower --lr or --precision bf16 instead of fp16)")
+                    last = self.step == a.steps  # (stopping early at --stop-at-step only saves)
+                    record = None
+                    if self.step % a.log_every == 0 or last:
+                        record = self._window_record(window, seq_len)
+                    if self.step % a.eval_every == 0 or last:
+                        last_eval = self.evaluate()
+                        record = {**(record or {"step": self.step}), **last_eval}
+                    if record is not None:
+                        self._log(record)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{window.get('last_tps', 0):,.0f}")
+                    if self.step % a.save_every == 0 or self.step == end:
+                        self.save()
+                        saved_at = self.step
+                interrupted = self.step < end
+                if interrupted and saved_at != self.step:
                     self.save()
-        except KeyboardInterrupt:
-            interrupted = True
-            self.save(rng_at_step)
         finally:
             if bar is not None:
                 bar.close()
+            self._stop = None
         return self._summary(start_time, start_step, last_eval, interrupted)
+
+    def _stop_agreed(self):
+        """Whether to stop at this step boundary: a signal reached this process (or, with several
+        processes, any of them: all stop at the same step)."""
+        requested = self._stop.requested
+        if self.world > 1:
+            flag = torch.tensor([float(requested)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+        return requested
 
     def _train_step(self, stream, window):
         """One optimizer step; returns the loss as a device tensor. No host sync inside on CUDA (with
@@ -562,6 +607,13 @@ class Trainer:
                 "device": str(self.device), "precision": self.precision, "world_size": self.world, "main": self.main}
 
 
+def _is_terminal(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
 class _null:
     def __enter__(self):
         return self
@@ -573,15 +625,8 @@ class _null:
 def pretrain(args: TrainArgs, given=None):
     """Run (or resume) a pretraining run; returns a summary dict. `given`: see Trainer."""
     trainer = Trainer(args, given)
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):  # a scheduler's SIGTERM is handled like Ctrl-C: save, then stop
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        return trainer.train()
+        return trainer.train()  # Ctrl-C and a scheduler's SIGTERM stop it at a step boundary, with a checkpoint
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if trainer.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1,0 +1,171 @@
+"""Ctrl-C / SIGTERM at any moment of a step: the run stops at the step boundary with a checkpoint,
+and the resumed run equals a straight run bit for bit. A second signal stops at once without
+leaving a half-written file."""
+import json
+import signal
+
+import pytest
+import torch
+
+from fastbert import plotting
+from fastbert.trainer import CHECKPOINT, METRICS, Batches, Trainer, TrainArgs
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+        "model_type": "bert"}
+STEPS, AT = 9, 3  # interrupt during step AT (1-based) of STEPS; logs, evaluations and saves every 3 steps
+COMPARED = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "lr", "grad_norm",
+            "eval_mlm_loss", "eval_mlm_accuracy", "eval_nsp_accuracy")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interrupt")
+    (root / "config.json").write_text(json.dumps(TINY))
+    base = dict(config=str(root / "config.json"), cache_dir=str(root / "cache"), steps=STEPS, batch_size=4,
+                seq_len=32, vocab_size=1000, dupe_factor=1, log_every=3, eval_every=3, save_every=3,
+                eval_batches=1, warmup=2, lr=2e-3, progress=False)
+    straight = Trainer(TrainArgs(out=str(root / "straight"), **base))
+    straight.train()
+    return root, base, _state(root / "straight")
+
+
+def _state(out):
+    ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    return ckpt, [{k: r.get(k) for k in ("step", *COMPARED)} for r in rows]
+
+
+def _assert_same_run(out, expected):
+    (ckpt, rows), (want, want_rows) = _state(out), expected
+    assert ckpt["step"] == want["step"] == STEPS
+    for name, tensor in want["model"].items():
+        assert torch.equal(ckpt["model"][name], tensor), name
+    for a, b in zip(ckpt["optimizer"]["state"].values(), want["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    assert rows == want_rows
+
+
+def _resume(out, cache_dir):
+    args = TrainArgs(out=str(out), resume=True, cache_dir=cache_dir, progress=False)
+    return Trainer(args, given={"out", "resume", "cache_dir", "progress"}).train()
+
+
+class Injector:
+    """Raises `signals` (in order, one per matching call) inside the named phase of step AT."""
+
+    def __init__(self, trainer, phase, signals, monkeypatch):
+        self.trainer, self.signals, self.fired = trainer, list(signals), []
+        self.calls = {}
+        t = trainer
+        if phase == "data":  # fetching the step's batch
+            original = Batches.__getitem__
+            monkeypatch.setattr(Batches, "__getitem__", lambda b, g: (self.at(int(g) == AT - 1), original(b, g))[1])
+        elif phase == "forward":
+            t.model.register_forward_pre_hook(lambda m, args: self.at(m.training and self.nth("fwd") == AT))
+        elif phase == "backward":
+            weight = t.model.bert.embeddings.word_embeddings.weight
+            weight.register_hook(lambda grad: self.at(self.nth("bwd") == AT))
+        elif phase == "optimizer_step":  # inside optimizer.step(), before the update
+            t.optimizer.register_step_pre_hook(lambda *a: self.at(self.nth("opt") == AT))
+        elif phase == "after_step":  # the update is done, the step counter has not moved yet
+            t.optimizer.register_step_post_hook(lambda *a: self.at(self.nth("post") == AT))
+        elif phase == "log":
+            self.wrap(monkeypatch, t, "_window_record")
+        elif phase == "eval":
+            self.wrap(monkeypatch, t, "evaluate")
+        elif phase == "save":
+            self.wrap(monkeypatch, t, "_save")
+        elif phase == "plot":
+            original = plotting.plot_training
+            monkeypatch.setattr(plotting, "plot_training",
+                                lambda records, *a, **k: (self.at(records[-1]["step"] == AT), original(records, *a, **k))[1])
+        else:
+            raise ValueError(phase)
+
+    def nth(self, key):
+        self.calls[key] = self.calls.get(key, 0) + 1
+        return self.calls[key]
+
+    def wrap(self, monkeypatch, obj, name):
+        original = getattr(obj, name)
+
+        def wrapped(*a, **k):
+            self.at(self.trainer.step == AT)
+            return original(*a, **k)
+        monkeypatch.setattr(obj, name, wrapped)
+
+    def at(self, now):
+        if now and self.signals:
+            signum = self.signals.pop(0)
+            self.fired.append(signum)
+            signal.raise_signal(signum)  # the handler runs here, as a signal from outside would
+
+
+PHASES = ["data", "forward", "backward", "optimizer_step", "after_step", "log", "eval", "plot", "save"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_interrupt_in_any_phase_resumes_bit_for_bit(setup, tmp_path, monkeypatch, phase):
+    root, base, expected = setup
+    trainer = Trainer(TrainArgs(out=str(tmp_path / "run"), **base))
+    signum = signal.SIGTERM if phase in ("eval", "optimizer_step") else signal.SIGINT
+    injector = Injector(trainer, phase, [signum], monkeypatch)
+    summary = trainer.train()
+    assert injector.fired == [signum]
+    assert summary["interrupted"] and summary["step"] == AT  # the step in flight was finished, then it stopped
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)["step"] == AT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.undo()
+    assert _resume(tmp_path / "run", base["cache_dir"])["step"] == STEPS
+    _assert_same_run(tmp_path / "run", expected)
+
+
+def test_second_signal_stops_at_once_keeping_the_last_checkpoint(setup, tmp_path, monkeypatch):
+    """Ctrl-C in the forward pass of step AT+1, again in its backward: stop there, no save at that step;
+    the checkpoint of step AT stays and resumes bit for bit."""
+    root, base, expected = setup
+    trainer = Trainer(TrainArgs(out=str(tmp_path / "run"), **base))
+    fired = []
+
+    def forward(module, args):
+        if module.training and trainer.step == AT and not fired:
+            fired.append(1)
+            signal.raise_signal(signal.SIGINT)
+
+    def backward(grad):
+        if trainer.step == AT and len(fired) == 1:
+            fired.append(2)
+            signal.raise_signal(signal.SIGINT)
+    trainer.model.register_forward_pre_hook(forward)
+    trainer.model.bert.embeddings.word_embeddings.weight.register_hook(backward)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert fired == [1, 2]
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)["step"] == AT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert _resume(tmp_path / "run", base["cache_dir"])["step"] == STEPS
+    _assert_same_run(tmp_path / "run", expected)
+
+
+def test_second_signal_during_a_save_lets_the_save_finish(setup, tmp_path, monkeypatch):
+    """Both signals land while the checkpoint is being written: the write completes (no truncated
+    checkpoint, no temporary file), then the run stops."""
+    root, base, expected = setup
+    trainer = Trainer(TrainArgs(out=str(tmp_path / "run"), **base))
+    real_save, fired = torch.save, []
+
+    def save(obj, path, *a, **k):
+        real_save(obj, path, *a, **k)
+        if trainer.step == AT:
+            for _ in range(2):
+                fired.append(1)
+                signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    monkeypatch.undo()
+    assert len(fired) == 2
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)["step"] == AT
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert _resume(tmp_path / "run", base["cache_dir"])["step"] == STEPS
+    _assert_same_run(tmp_path / "run", expected)
