@@ -370,6 +370,8 @@ class Trainer:
         self.step = int(ckpt["step"])
         rngs = ckpt["rng"]
         self._set_rng_state(rngs[self.rank] if isinstance(rngs, list) and self.rank < len(rngs) else rngs[0])
+        windows = ckpt.get("window")  # the metrics accumulated since the last log line, per process
+        self._saved_window = windows[self.rank] if windows and self.rank < len(windows) else None
         metrics = self.out / METRICS
         if metrics.exists():
             self.records = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
@@ -417,19 +419,22 @@ class Trainer:
             self._save()
 
     def _save(self):
-        rngs = [self._rng_state()]
+        window = getattr(self, "_window", None)
+        mine = (self._rng_state(), window and {"sums": window["sums"].cpu(), "tokens": window["tokens"],
+                                               "steps": window["steps"], "seconds": time.perf_counter() - window["t0"]})
+        per_rank = [mine]
         if self.world > 1:
-            gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
+            per_rank = [None] * self.world
+            torch.distributed.all_gather_object(per_rank, mine)
         if not self.main:
             return
+        rngs, windows = [r for r, _ in per_rank], [w for _, w in per_rank]
         model_dir = self.out / MODEL_DIR
         self.model.save_pretrained(model_dir)
         self.tokenizer.save(model_dir)
         ckpt = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
-                "rng": rngs, "args": dataclasses.asdict(self.a), "config": self.config.to_dict(),
+                "rng": rngs, "window": windows, "args": dataclasses.asdict(self.a), "config": self.config.to_dict(),
                 "data_position": {"global_batch": self.step * self.a.grad_accum}}
         tmp = self.out / (CHECKPOINT + ".tmp")
         try:
@@ -495,6 +500,11 @@ class Trainer:
         stream_key, stream = None, None
         window = {"sums": torch.zeros(6, dtype=torch.float64, device=self.device), "tokens": 0, "steps": 0,
                   "t0": time.perf_counter()}
+        saved = getattr(self, "_saved_window", None)
+        if saved and saved["steps"]:  # resumed between two log lines: the next line covers the same steps
+            window.update(sums=saved["sums"].to(self.device), tokens=saved["tokens"], steps=saved["steps"],
+                          t0=time.perf_counter() - saved["seconds"])
+        self._window = window
         start_time, start_step = time.perf_counter(), self.step
         last_eval, saved_at = None, None
         self._stop = StopRequest(f"\nfastbert pretrain: stopping after this step with a checkpoint (press Ctrl-C "
@@ -533,7 +543,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            self._stop = None
+            self._stop = self._window = None
         return self._summary(start_time, start_step, last_eval, interrupted)
 
     def _stop_agreed(self):

@@ -51,24 +51,25 @@ def _resume(out, cache_dir):
 
 
 class Injector:
-    """Raises `signals` (in order, one per matching call) inside the named phase of step AT."""
+    """Raises `signals` (in order, one per matching call) inside the named phase of step `at` (1-based)."""
 
-    def __init__(self, trainer, phase, signals, monkeypatch):
+    def __init__(self, trainer, phase, signals, monkeypatch, at=AT):
         self.trainer, self.signals, self.fired = trainer, list(signals), []
+        self.step = at
         self.calls = {}
         t = trainer
         if phase == "data":  # fetching the step's batch
             original = Batches.__getitem__
-            monkeypatch.setattr(Batches, "__getitem__", lambda b, g: (self.at(int(g) == AT - 1), original(b, g))[1])
+            monkeypatch.setattr(Batches, "__getitem__", lambda b, g: (self.at(int(g) == self.step - 1), original(b, g))[1])
         elif phase == "forward":
-            t.model.register_forward_pre_hook(lambda m, args: self.at(m.training and self.nth("fwd") == AT))
+            t.model.register_forward_pre_hook(lambda m, args: self.at(m.training and self.nth("fwd") == self.step))
         elif phase == "backward":
             weight = t.model.bert.embeddings.word_embeddings.weight
-            weight.register_hook(lambda grad: self.at(self.nth("bwd") == AT))
+            weight.register_hook(lambda grad: self.at(self.nth("bwd") == self.step))
         elif phase == "optimizer_step":  # inside optimizer.step(), before the update
-            t.optimizer.register_step_pre_hook(lambda *a: self.at(self.nth("opt") == AT))
+            t.optimizer.register_step_pre_hook(lambda *a: self.at(self.nth("opt") == self.step))
         elif phase == "after_step":  # the update is done, the step counter has not moved yet
-            t.optimizer.register_step_post_hook(lambda *a: self.at(self.nth("post") == AT))
+            t.optimizer.register_step_post_hook(lambda *a: self.at(self.nth("post") == self.step))
         elif phase == "log":
             self.wrap(monkeypatch, t, "_window_record")
         elif phase == "eval":
@@ -78,7 +79,7 @@ class Injector:
         elif phase == "plot":
             original = plotting.plot_training
             monkeypatch.setattr(plotting, "plot_training",
-                                lambda records, *a, **k: (self.at(records[-1]["step"] == AT), original(records, *a, **k))[1])
+                                lambda records, *a, **k: (self.at(records[-1]["step"] == self.step), original(records, *a, **k))[1])
         else:
             raise ValueError(phase)
 
@@ -90,7 +91,7 @@ class Injector:
         original = getattr(obj, name)
 
         def wrapped(*a, **k):
-            self.at(self.trainer.step == AT)
+            self.at(self.trainer.step == self.step)
             return original(*a, **k)
         monkeypatch.setattr(obj, name, wrapped)
 
@@ -167,5 +168,16 @@ def test_second_signal_during_a_save_lets_the_save_finish(setup, tmp_path, monke
     assert len(fired) == 2
     assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)["step"] == AT
     assert not list((tmp_path / "run").glob("*.tmp"))
+    assert _resume(tmp_path / "run", base["cache_dir"])["step"] == STEPS
+    _assert_same_run(tmp_path / "run", expected)
+
+
+def test_interrupt_between_log_lines_resumes_the_metrics_too(setup, tmp_path, monkeypatch):
+    """Stopped at step AT+1, two steps before the next log line: the resumed run's line at step AT+3
+    averages the same three steps as the straight run's."""
+    root, base, expected = setup
+    trainer = Trainer(TrainArgs(out=str(tmp_path / "run"), **base))
+    Injector(trainer, "after_step", [signal.SIGINT], monkeypatch, at=AT + 1)
+    assert trainer.train()["step"] == AT + 1
     assert _resume(tmp_path / "run", base["cache_dir"])["step"] == STEPS
     _assert_same_run(tmp_path / "run", expected)
