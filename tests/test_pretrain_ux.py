@@ -108,3 +108,21 @@ def test_resume_hint_is_a_command_the_shell_finds(tmp_path, monkeypatch):
                "precision": "fp32", "world_size": 1, "out": "runs/fastbert-2"}
     assert command.format_summary(summary).splitlines()[-1] == \
         "  continue with: bash 'fastbert repo/scripts/run.sh' --out runs/fastbert-2 --resume"
+
+
+def test_stopped_at_once_names_the_command_only_when_a_checkpoint_exists(tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C (KeyboardInterrupt out of the trainer): exit 130, and the resume command if the
+    run has a checkpoint to resume."""
+    import fastbert.trainer
+
+    def interrupted(args, given=None):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fastbert.trainer, "pretrain", interrupted)
+    monkeypatch.delenv("FASTBERT_RUN_SCRIPT", raising=False)
+    assert main(["pretrain", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" not in err
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert main(["pretrain", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"continue with: {command.resume_command(str(tmp_path))}") and "keeping the last checkpoint" in err

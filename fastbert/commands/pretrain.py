@@ -62,9 +62,11 @@ def run(args):
         summary = pretrain(args, given=set(given))
     except TrainingError as e:
         raise CLIError(str(e)) from None
-    except KeyboardInterrupt:  # a second Ctrl-C: stopped in the middle of a step, without saving it
-        print(f"fastbert pretrain: stopped at once; {args.out} keeps its last checkpoint, if one was saved; "
-              f"continue with: {resume_command(args.out)}", file=sys.stderr)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: stopped in the middle of a step
+        if not os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
+            raise
+        print(f"fastbert pretrain: stopped at once, keeping the last checkpoint; continue with: "
+              f"{resume_command(args.out)}", file=sys.stderr)
         return 130
     if summary["main"]:
         print(format_summary(summary), file=sys.stderr)
