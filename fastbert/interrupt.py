@@ -47,15 +47,22 @@ class StopRequest:
             self._pending = False
             raise KeyboardInterrupt
 
-    def __enter__(self):
+    def install(self):
         # signal handlers can only be set from the main thread; elsewhere signals keep their handlers
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
-        return self
 
-    def __exit__(self, *exc):
+    def uninstall(self):
+        """Give the signals back their previous handlers."""
         for s, previous in self._previous.items():
             signal.signal(s, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
+
+    def __enter__(self):
+        self.install()
+        return self
+
+    def __exit__(self, *exc):
+        self.uninstall()
         return False

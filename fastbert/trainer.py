@@ -507,40 +507,41 @@ class Trainer:
         self._window = window
         start_time, start_step = time.perf_counter(), self.step
         last_eval, saved_at = None, None
-        self._stop = StopRequest(f"\nfastbert pretrain: stopping after this step with a checkpoint (press Ctrl-C "
+        self._stop = StopRequest("\nfastbert pretrain: stopping after this step with a checkpoint (press Ctrl-C "
                                  "again to stop at once, keeping the last checkpoint)\n" if self.main else None)
         try:
-            with self._stop:
-                while self.step < end and not self._stop_agreed():
-                    seq_len, batches = self._phase_at(self.step)
-                    first = self.step * a.grad_accum  # the global batch this step starts at
-                    if stream_key != (seq_len, first):  # a new phase, or the start
-                        stream = batch_stream(batches, first, a.num_workers)
-                    step_loss = self._train_step(stream, window).item()  # the step's one host sync, after it is queued
-                    stream_key = (seq_len, first + a.grad_accum)
-                    self.step += 1
-                    if not math.isfinite(step_loss):
-                        raise TrainingError(f"the loss became {step_loss} at step {self.step}; stopping the run (the last "
-                                            "checkpoint is kept; try a lower --lr or --precision bf16 instead of fp16)")
-                    last = self.step == a.steps  # (stopping early at --stop-at-step only saves)
-                    record = None
-                    if self.step % a.log_every == 0 or last:
-                        record = self._window_record(window, seq_len)
-                    if self.step % a.eval_every == 0 or last:
-                        last_eval = self.evaluate()
-                        record = {**(record or {"step": self.step}), **last_eval}
-                    if record is not None:
-                        self._log(record)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{window.get('last_tps', 0):,.0f}")
-                    if self.step % a.save_every == 0 or self.step == end:
-                        self.save()
-                        saved_at = self.step
-                interrupted = self.step < end
-                if interrupted and saved_at != self.step:
+            self._stop.install()
+            while self.step < end and not self._stop_agreed():
+                seq_len, batches = self._phase_at(self.step)
+                first = self.step * a.grad_accum  # the global batch this step starts at
+                if stream_key != (seq_len, first):  # a new phase, or the start
+                    stream = batch_stream(batches, first, a.num_workers)
+                step_loss = self._train_step(stream, window).item()  # the step's one host sync, after it is queued
+                stream_key = (seq_len, first + a.grad_accum)
+                self.step += 1
+                if not math.isfinite(step_loss):
+                    raise TrainingError(f"the loss became {step_loss} at step {self.step}; stopping the run (the last "
+                                        "checkpoint is kept; try a lower --lr or --precision bf16 instead of fp16)")
+                last = self.step == a.steps  # (stopping early at --stop-at-step only saves)
+                record = None
+                if self.step % a.log_every == 0 or last:
+                    record = self._window_record(window, seq_len)
+                if self.step % a.eval_every == 0 or last:
+                    last_eval = self.evaluate()
+                    record = {**(record or {"step": self.step}), **last_eval}
+                if record is not None:
+                    self._log(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{window.get('last_tps', 0):,.0f}")
+                if self.step % a.save_every == 0 or self.step == end:
                     self.save()
+                    saved_at = self.step
+            interrupted = self.step < end
+            if interrupted and saved_at != self.step:
+                self.save()
         finally:
+            self._stop.uninstall()
             if bar is not None:
                 bar.close()
             self._stop = self._window = None
@@ -551,9 +552,9 @@ class Trainer:
         processes, any of them: all stop at the same step)."""
         requested = self._stop.requested
         if self.world > 1:
-            flag = torch.tensor([float(requested)], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            requested = bool(flag.item())
+            stop = torch.tensor([float(requested)], device=self.device)
+            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(stop.item())
         return requested
 
     def _train_step(self, stream, window):

@@ -2,7 +2,11 @@
 and the resumed run equals a straight run bit for bit. A second signal stops at once without
 leaving a half-written file."""
 import json
+import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ import torch
 from fastbert import plotting
 from fastbert.trainer import CHECKPOINT, METRICS, Batches, Trainer, TrainArgs
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
         "model_type": "bert"}
 STEPS, AT = 9, 3  # interrupt during step AT (1-based) of STEPS; logs, evaluations and saves every 3 steps
@@ -181,3 +186,47 @@ def test_interrupt_between_log_lines_resumes_the_metrics_too(setup, tmp_path, mo
     assert trainer.train()["step"] == AT + 1
     assert _resume(tmp_path / "run", base["cache_dir"])["step"] == STEPS
     _assert_same_run(tmp_path / "run", expected)
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
+def test_one_process_signalled_all_stop_at_the_same_step(tmp_path):
+    """torchrun with 2 processes, SIGINT to one of them only: both stop at the same step boundary and
+    one checkpoint holds both processes' RNG states; --resume continues it."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    out = tmp_path / "ddp"
+    common = ["--device", "cpu", "--config", str(tmp_path / "config.json"), "--cache-dir", str(tmp_path / "cache"),
+              "--batch-size", "4", "--seq-len", "32", "--vocab-size", "1000", "--dupe-factor", "1", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastbert",
+           "pretrain", "--out", str(out), "--steps", "100000", "--log-every", "1", "--eval-every", "100000",
+           "--save-every", "100000", *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # its own process group, to end the workers too if this fails
+    try:
+        deadline = time.time() + 300
+        while not (out / METRICS).exists() or len((out / METRICS).read_text().splitlines()) < 3:
+            assert p.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        workers = _children(p.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert err.count("continue with:") == 1 and "Traceback" not in err.split("continue with:")[0], err[-3000:]
+    ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    assert ckpt["step"] == rows[-1]["step"] >= 3 and len(ckpt["rng"]) == 2
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                        "fastbert", "pretrain", "--out", str(out), "--resume", "--stop-at-step", str(ckpt["step"] + 2),
+                        "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(out / CHECKPOINT, weights_only=False)["step"] == ckpt["step"] + 2
