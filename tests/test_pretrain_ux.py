@@ -126,3 +126,36 @@ def test_stopped_at_once_names_the_command_only_when_a_checkpoint_exists(tmp_pat
     assert main(["pretrain", "--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"continue with: {command.resume_command(str(tmp_path))}") and "keeping the last checkpoint" in err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses a Linux pseudo-terminal")
+def test_a_terminal_gets_the_progress_bar(tmp_path, common):
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 120 columns
+    chunks = []
+
+    def read():
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the terminal side was closed
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    r = subprocess.run([sys.executable, "-m", "fastbert", "pretrain", "--out", str(tmp_path / "run"), *common,
+                        "--steps", "4", "--log-every", "2"], stderr=terminal, cwd=ROOT, timeout=600)
+    os.close(terminal)
+    reader.join(timeout=10)
+    os.close(master)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert r.returncode == 0, shown
+    assert "\rpretrain: 100%" in shown and "4/4" in shown and "pretrain step" not in shown
