@@ -11,6 +11,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopRequest:
+    SIGNALS = SIGNALS
+
     def __init__(self, message=None):
         """`message`: written to stderr when the first signal arrives (None: nothing)."""
         self.message = message

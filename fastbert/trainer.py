@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -219,8 +220,16 @@ def batch_stream(batches, start, num_workers):
     # its own generator: starting a DataLoader draws a base seed, which must not move the global
     # RNG (dropout), or a resumed run would diverge from a straight one
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=_From(start), num_workers=num_workers,
-                                         collate_fn=_identity, generator=torch.Generator().manual_seed(start))
+                                         collate_fn=_identity, generator=torch.Generator().manual_seed(start),
+                                         worker_init_fn=_ignore_stop_signals if num_workers else None)
     return iter(loader)
+
+
+def _ignore_stop_signals(worker_id):
+    # a terminal's Ctrl-C reaches DataLoader workers too: they keep serving batches, and the main
+    # process decides when to stop (at a step boundary) and ends them
+    for s in StopRequest.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _identity(batch):

@@ -230,3 +230,48 @@ def test_one_process_signalled_all_stop_at_the_same_step(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(out / CHECKPOINT, weights_only=False)["step"] == ckpt["step"] + 2
+
+
+def _lines(path):
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _wait_for_lines(p, path, n, seconds=300):
+    deadline = time.time() + seconds
+    while _lines(path) < n:
+        assert p.poll() is None and time.time() < deadline, p.stderr.read()[-3000:] if p.poll() is not None else ""
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the DataLoader workers through /proc")
+def test_ctrl_c_in_a_terminal_with_dataloader_workers(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, DataLoader workers included: they go on
+    serving batches (the main process decides when to stop), and the run stops at a step boundary
+    with a checkpoint of that step."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    # spawned workers (macOS, CUDA users, Python 3.14's forkserver) do not inherit the trainer's handlers
+    start = "import multiprocessing, sys; multiprocessing.set_start_method('spawn'); " \
+            "from fastbert.cli import main; sys.exit(main(sys.argv[1:]))"
+    p = subprocess.Popen([sys.executable, "-c", start, "pretrain", "--out", str(out), "--config",
+                          str(tmp_path / "config.json"), "--cache-dir", str(tmp_path / "cache"), "--steps", "100000",
+                          "--log-every", "1", "--save-every", "100000", "--eval-every", "100000", "--seq-len", "32",
+                          "--batch-size", "4", "--grad-accum", "2", "--vocab-size", "1000", "--dupe-factor", "1",
+                          "--num-workers", "2", "--no-progress"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        _wait_for_lines(p, out / METRICS, 3)
+        workers = [pid for pid in _children(p.pid) if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert len(workers) == 2, workers
+        for pid in workers:
+            os.kill(pid, signal.SIGINT)
+        _wait_for_lines(p, out / METRICS, _lines(out / METRICS) + 3)  # training goes on with the same workers
+        assert all(open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z" for pid in workers)  # alive
+        os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process of the group
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130 and "Traceback" not in err and "continue with:" in err, err[-3000:]
+    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    assert torch.load(out / CHECKPOINT, weights_only=False)["step"] == rows[-1]["step"] >= 6
