@@ -25,7 +25,14 @@ def save_model(model, directory):
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
     tmp = os.path.join(directory, SAFE_WEIGHTS + ".tmp")
     save_file(state, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates the file 0600; give it the mode open() would
     os.replace(tmp, os.path.join(directory, SAFE_WEIGHTS))
+
+
+def _umask():
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _read_safetensors(path, map_location):

@@ -1,6 +1,8 @@
 """`fastbert` / `python -m fastbert`: one subcommand per module in fastbert/commands/.
 
-Each command module defines HELP (one line), add_arguments(parser) and run(args) -> int.
+Each command module defines HELP (one line), add_arguments(parser) and run(args) -> int. Command
+modules import nothing heavy at module level, and only the command that runs gets its options
+(add_arguments may import torch), so `fastbert --help` does not wait for torch.
 Errors a user can cause (bad paths, bad options, bad data) are printed as one line on stderr
 with a non-zero exit; FASTBERT_DEBUG=1 shows the traceback instead.
 """
@@ -26,7 +28,8 @@ def _load(name):
         raise
 
 
-def build_parser():
+def build_parser(only=None):
+    """The parser; `only`: the commands whose options to add (default: all)."""
     from fastbert.version import __version__
     parser = argparse.ArgumentParser(prog="fastbert", description="Fast BERT pretraining and inference.")
     parser.add_argument("--version", action="version", version=f"fastbert {__version__}")
@@ -36,13 +39,20 @@ def build_parser():
         if module is None:
             continue
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        if only is None or name in only:
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
     return parser
 
 
+def _command(argv):
+    """The command named in argv (the first word that is not an option), or None."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only={_command(argv)})
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

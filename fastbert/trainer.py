@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +20,15 @@ import numpy as np
 import torch
 
 from fastbert.config import BertConfig, preset
+from fastbert.interrupt import StopRequest
 from fastbert.model import BertForPreTraining, Packing
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 PLOT = "training.png"
 MODEL_DIR = "model"
-RUN_FILES = (CHECKPOINT, METRICS, PLOT, MODEL_DIR)
+ARGS = "args.json"
+RUN_FILES = (CHECKPOINT, METRICS, PLOT, MODEL_DIR, ARGS)
 
 
 class TrainingError(Exception):
@@ -101,6 +104,11 @@ def resolve_precision(name, device):
     if name == "fp16" and device.type != "cuda":
         raise TrainingError("--precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
     return name
+
+
+def flag(name):
+    """The command-line flag that sets TrainArgs field `name`."""
+    return "--no-progress" if name == "progress" else "--" + name.replace("_", "-")
 
 
 def check_args(a):
@@ -212,8 +220,16 @@ def batch_stream(batches, start, num_workers):
     # its own generator: starting a DataLoader draws a base seed, which must not move the global
     # RNG (dropout), or a resumed run would diverge from a straight one
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=_From(start), num_workers=num_workers,
-                                         collate_fn=_identity, generator=torch.Generator().manual_seed(start))
+                                         collate_fn=_identity, generator=torch.Generator().manual_seed(start),
+                                         worker_init_fn=_ignore_stop_signals if num_workers else None)
     return iter(loader)
+
+
+def _ignore_stop_signals(worker_id):
+    # a terminal's Ctrl-C reaches DataLoader workers too: they keep serving batches, and the main
+    # process decides when to stop (at a step boundary) and ends them
+    for s in StopRequest.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _identity(batch):
@@ -265,8 +281,8 @@ class Trainer:
         changed = sorted(k for k in self.given - set(TrainArgs.RESUMABLE)
                          if k in saved and saved[k] != getattr(self.a, k))
         if changed:
-            raise TrainingError(f"--resume continues the run as it was set up; {', '.join('--' + k.replace('_', '-') for k in changed)} "
-                                f"cannot change (only {', '.join('--' + k.replace('_', '-') for k in TrainArgs.RESUMABLE if k not in ('resume', 'out'))} can)")
+            raise TrainingError(f"--resume continues the run as it was set up; {', '.join(map(flag, changed))} "
+                                f"cannot change (only {', '.join(flag(k) for k in TrainArgs.RESUMABLE if k not in ('resume', 'out'))} can)")
         keep = {k for k in TrainArgs.PER_RUN} | (self.given & set(TrainArgs.RESUMABLE))
         self.a = dataclasses.replace(self.a, **{k: v for k, v in saved.items()
                                                 if k not in keep and k in TrainArgs.__dataclass_fields__})
@@ -287,7 +303,7 @@ class Trainer:
                                             seq_len=seq_len, seed=a.seed, cache_dir=a.cache_dir,
                                             dupe_factor=a.dupe_factor,
                                             max_position_embeddings=self.config.max_position_embeddings,
-                                            progress=self.main and a.progress)
+                                            progress=self.main and a.progress and _is_terminal(sys.stderr))
 
         if self.world > 1 and not self.main:  # let rank 0 fill the caches first
             torch.distributed.barrier()
@@ -362,6 +378,8 @@ class Trainer:
         self.step = int(ckpt["step"])
         rngs = ckpt["rng"]
         self._set_rng_state(rngs[self.rank] if isinstance(rngs, list) and self.rank < len(rngs) else rngs[0])
+        windows = ckpt.get("window")  # the metrics accumulated since the last log line, per process
+        self._saved_window = windows[self.rank] if windows and self.rank < len(windows) else None
         metrics = self.out / METRICS
         if metrics.exists():
             self.records = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
@@ -387,26 +405,51 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         from fastbert.plotting import plot_training
         plot_training(self.records, self.out / PLOT, title=f"fastbert pretrain: {self.out.name}")
+        if getattr(self, "_lines", False):
+            print(self._log_line(record), file=sys.stderr, flush=True)
 
-    def save(self, rng_state=None):
-        """model/ (transformers' format + tokenizer) and the resumable checkpoint, both atomic."""
-        rngs = [rng_state or self._rng_state()]
+    def _log_line(self, r):
+        """A metrics record as one plain line, for logs where a progress bar would be carriage returns."""
+        parts = []
+        if "loss" in r:
+            parts.append(f"loss {r['loss']:.4f} (MLM {r['mlm_loss']:.4f}, NSP {r['nsp_loss']:.4f}), "
+                         f"MLM accuracy {r['mlm_accuracy']:.1%}, lr {r['lr']:.2e}, {r['tokens_per_s']:,.0f} tokens/s")
+        if "eval_mlm_loss" in r:
+            parts.append(f"held-out MLM loss {r['eval_mlm_loss']:.4f}, MLM accuracy {r['eval_mlm_accuracy']:.1%}, "
+                         f"NSP accuracy {r['eval_nsp_accuracy']:.1%}")
+        return f"pretrain step {r['step']}/{self.a.steps}: " + "; ".join(parts)
+
+    def save(self):
+        """The resumable checkpoint and model/ (transformers' format + tokenizer), at a step boundary.
+        A second Ctrl-C waits for the save to end, so that no file is left half written."""
+        stop = getattr(self, "_stop", None)
+        with stop.deferred() if stop is not None else _null():
+            self._save()
+
+    def _save(self):
+        window = getattr(self, "_window", None)
+        mine = (self._rng_state(), window and {"sums": window["sums"].cpu(), "tokens": window["tokens"],
+                                               "steps": window["steps"], "seconds": time.perf_counter() - window["t0"]})
+        per_rank = [mine]
         if self.world > 1:
-            gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
+            per_rank = [None] * self.world
+            torch.distributed.all_gather_object(per_rank, mine)
         if not self.main:
             return
+        rngs, windows = [r for r, _ in per_rank], [w for _, w in per_rank]
         model_dir = self.out / MODEL_DIR
         self.model.save_pretrained(model_dir)
         self.tokenizer.save(model_dir)
         ckpt = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
-                "rng": rngs, "args": dataclasses.asdict(self.a), "config": self.config.to_dict(),
+                "rng": rngs, "window": windows, "args": dataclasses.asdict(self.a), "config": self.config.to_dict(),
                 "data_position": {"global_batch": self.step * self.a.grad_accum}}
         tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        try:
+            torch.save(ckpt, tmp)
+            os.replace(tmp, self.out / CHECKPOINT)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ the loop
     def _phase_at(self, step):
@@ -447,27 +490,36 @@ class Trainer:
                 "eval_nsp_accuracy": s[3] / max(s[4], 1)}
 
     def train(self):
+        """Train to --steps (or --stop-at-step). Ctrl-C or SIGTERM stops at the next step boundary with a
+        checkpoint, so that --resume continues bit for bit; a second one stops at once."""
         a = self.a
         self.out.mkdir(parents=True, exist_ok=True)
         if self.main and not a.resume:
             for name in (METRICS, PLOT):  # --overwrite: the old run's curves go
                 (self.out / name).unlink(missing_ok=True)
-            (self.out / "args.json").write_text(json.dumps(dataclasses.asdict(a), indent=2) + "\n")
+            (self.out / ARGS).write_text(json.dumps(dataclasses.asdict(a), indent=2) + "\n")
         end = a.stop_at_step or a.steps
         bar = None
-        if self.main and a.progress:
+        self._lines = self.main and a.progress and not _is_terminal(sys.stderr)  # plain lines, not a bar
+        if self.main and a.progress and not self._lines:
             from tqdm.auto import tqdm
             bar = tqdm(total=a.steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
         self.model.train()
         stream_key, stream = None, None
         window = {"sums": torch.zeros(6, dtype=torch.float64, device=self.device), "tokens": 0, "steps": 0,
                   "t0": time.perf_counter()}
+        saved = getattr(self, "_saved_window", None)
+        if saved and saved["steps"]:  # resumed between two log lines: the next line covers the same steps
+            window.update(sums=saved["sums"].to(self.device), tokens=saved["tokens"], steps=saved["steps"],
+                          t0=time.perf_counter() - saved["seconds"])
+        self._window = window
         start_time, start_step = time.perf_counter(), self.step
-        last_eval = None
-        interrupted = False
+        last_eval, saved_at = None, None
+        self._stop = StopRequest("\nfastbert pretrain: stopping after this step with a checkpoint (press Ctrl-C "
+                                 "again to stop at once, keeping the last checkpoint)\n" if self.main else None)
         try:
-            while self.step < end:
-                rng_at_step = self._rng_state()
+            self._stop.install()
+            while self.step < end and not self._stop_agreed():
                 seq_len, batches = self._phase_at(self.step)
                 first = self.step * a.grad_accum  # the global batch this step starts at
                 if stream_key != (seq_len, first):  # a new phase, or the start
@@ -492,13 +544,26 @@ class Trainer:
                     bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{window.get('last_tps', 0):,.0f}")
                 if self.step % a.save_every == 0 or self.step == end:
                     self.save()
-        except KeyboardInterrupt:
-            interrupted = True
-            self.save(rng_at_step)
+                    saved_at = self.step
+            interrupted = self.step < end
+            if interrupted and saved_at != self.step:
+                self.save()
         finally:
+            self._stop.uninstall()
             if bar is not None:
                 bar.close()
+            self._stop = self._window = None
         return self._summary(start_time, start_step, last_eval, interrupted)
+
+    def _stop_agreed(self):
+        """Whether to stop at this step boundary: a signal reached this process (or, with several
+        processes, any of them: all stop at the same step)."""
+        requested = self._stop.requested
+        if self.world > 1:
+            stop = torch.tensor([float(requested)], device=self.device)
+            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(stop.item())
+        return requested
 
     def _train_step(self, stream, window):
         """One optimizer step; returns the loss as a device tensor. No host sync inside on CUDA (with
@@ -561,6 +626,13 @@ class Trainer:
                 "device": str(self.device), "precision": self.precision, "world_size": self.world, "main": self.main}
 
 
+def _is_terminal(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
 class _null:
     def __enter__(self):
         return self
@@ -572,15 +644,8 @@ class _null:
 def pretrain(args: TrainArgs, given=None):
     """Run (or resume) a pretraining run; returns a summary dict. `given`: see Trainer."""
     trainer = Trainer(args, given)
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):  # a scheduler's SIGTERM is handled like Ctrl-C: save, then stop
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        return trainer.train()
+        return trainer.train()  # Ctrl-C and a scheduler's SIGTERM stop it at a step boundary, with a checkpoint
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if trainer.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -72,3 +72,25 @@ def test_console_script_and_help():
     assert r.returncode == 0
     for command in ("info", "check", "examples", "pretrain", "embed"):
         assert command in r.stdout
+
+
+def test_help_and_info_do_not_import_what_they_do_not_need():
+    """`fastbert --help` imports no torch; `fastbert info` no model, data or plotting stack."""
+    code = """
+import sys
+from fastbert.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = ("torch", "numpy", "transformers", "tokenizers", "matplotlib", "safetensors", "fastbert.model",
+         "fastbert.trainer", "fastbert.data")
+print("imported:", *sorted(m for m in heavy if m in sys.modules))
+"""
+    for args, allowed in ((["--help"], []), ([], []), (["info"], ["numpy", "torch"])):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert "usage: fastbert" in r.stdout or "torch" in r.stdout, r.stderr
+        assert r.stdout.split("imported:")[-1].split() == allowed, (args, r.stdout, r.stderr)
+    # the command that runs still gets all its options
+    r = subprocess.run([sys.executable, "-m", "fastbert", "pretrain", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "--resume" in r.stdout and "--no-progress" in r.stdout

@@ -1,5 +1,8 @@
 """`fastbert pretrain`: MLM + NSP pretraining; `--resume` continues a run; torchrun for several processes."""
 import dataclasses
+import os
+import shlex
+import shutil
 import sys
 
 HELP = "pretrain BERT with masked LM + next sentence prediction (defaults: tiny model, embedded corpus)"
@@ -44,7 +47,8 @@ def add_arguments(p):
     g.add_argument("--stop-at-step", type=int, metavar="N", help="stop after step N with a checkpoint (resume later)")
     g.add_argument("--resume", action="store_const", const=True, help="continue the run in --out from its checkpoint")
     g.add_argument("--overwrite", action="store_const", const=True, help="replace the run in --out")
-    g.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   help="no progress bar (and, when stderr is not a terminal, no log lines)")
 
 
 def run(args):
@@ -53,10 +57,17 @@ def run(args):
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs)
              if getattr(args, f.name, None) is not None}
+    args = TrainArgs(**given)
     try:
-        summary = pretrain(TrainArgs(**given), given=set(given))
+        summary = pretrain(args, given=set(given))
     except TrainingError as e:
         raise CLIError(str(e)) from None
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: stopped in the middle of a step
+        if not os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
+            raise
+        print(f"fastbert pretrain: stopped at once, keeping the last checkpoint; continue with: "
+              f"{resume_command(args.out)}", file=sys.stderr)
+        return 130
     if summary["main"]:
         print(format_summary(summary), file=sys.stderr)
     return 130 if summary["interrupted"] and not summary["stopped_as_asked"] else 0
@@ -77,5 +88,33 @@ def format_summary(s):
                      f"NSP accuracy {s['eval_nsp_accuracy']:.1%}")
     lines.append(f"  outputs in {s['out']}: model/ (transformers format), metrics.jsonl, training.png, checkpoint.pt")
     if s["interrupted"]:
-        lines.append(f"  continue with: fastbert pretrain --out {s['out']} --resume")
+        lines.append(f"  continue with: {resume_command(s['out'])}")
     return "\n".join(lines)
+
+
+def resume_command(out):
+    """The command that continues the run in `out`, as it can be typed in the shell that started this
+    one: through scripts/run.sh if that started it, else this environment's fastbert."""
+    script = os.environ.get("FASTBERT_RUN_SCRIPT")  # set by scripts/run.sh to its path as typed
+    if script:
+        launcher = f"bash {shlex.quote(script)}"
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        processes = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+        launcher = f"{_program('torchrun')} --nproc_per_node {processes} -m fastbert pretrain"
+    elif os.path.basename(sys.argv[0]) == "fastbert":  # the console script
+        launcher = f"{_program('fastbert')} pretrain"
+    else:  # python -m fastbert, or called from Python
+        launcher = f"{_program(os.path.basename(sys.executable))} -m fastbert pretrain"
+    return f"{launcher} --out {shlex.quote(str(out))} --resume"
+
+
+def _program(name):
+    """`name` where the shell finds this environment's own `name` on the PATH, else its path (relative
+    to the working directory when below it): `fastbert` is not on the PATH of a shell that has
+    not activated the virtual environment."""
+    path = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), name)
+    found = shutil.which(name)
+    if not os.path.exists(path) or (found and os.path.abspath(found) == path):
+        return name
+    relative = os.path.relpath(path)
+    return shlex.quote(path if relative.startswith("..") else relative)
