@@ -80,6 +80,22 @@ def pip_cuda_include_dirs():
     return found
 
 
+def cuda_arch_codes():
+    """(sass, ptx): the architectures torch's -gencode flags compile machine code and PTX for,
+    as numbers (80, 90), recorded in the extension so the dispatch can check a device against them."""
+    import re
+
+    try:
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
+        flags = " ".join(_get_cuda_arch_flags())
+    except Exception as e:  # a private torch helper; without it the dispatch checks the capability only
+        print(f"fastbert: WARNING could not read torch's CUDA arch flags ({e}); not recording them", file=sys.stderr)
+        return None
+    sass = sorted({int(a) for a in re.findall(r"code=\[?sm_(\d+)", flags)})
+    ptx = sorted({int(a) for a in re.findall(r"code=\[?compute_(\d+)", flags)})
+    return sass, ptx
+
+
 def extension_modules():
     if _flag("FASTBERT_FORCE_CUDA") and _flag("FASTBERT_SKIP_CUDA"):
         sys.exit("setup.py: FASTBERT_FORCE_CUDA=1 and FASTBERT_SKIP_CUDA=1 contradict each other; set one.")
@@ -120,6 +136,10 @@ def extension_modules():
     if want_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "*", "*.cu")))
         define_macros.append(("FASTBERT_WITH_CUDA", "1"))
+        codes = cuda_arch_codes()
+        if codes is not None:  # for bindings.cpp, through g++ only: nvcc would split the commas of -D
+            cxx += [f"-DFASTBERT_SASS_ARCHS={','.join(map(str, codes[0]))}",
+                    f"-DFASTBERT_PTX_ARCHS={','.join(map(str, codes[1]))}"]
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                 "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]

@@ -5,7 +5,9 @@
 #include <Python.h>
 
 #include <cmath>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -29,7 +31,40 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 }
 
+#ifdef FASTBERT_WITH_CUDA
+namespace {
+// What setup.py compiled the kernels for (from torch's -gencode flags): "sm_80;sm_90;compute_90".
+// sm_XY is machine code for XY (runs on X.Y..X.9), compute_XY is PTX (JIT-compiled on XY and newer).
+std::string cuda_arch_list() {
+#if defined(FASTBERT_SASS_ARCHS) && defined(FASTBERT_PTX_ARCHS)
+  const std::vector<int> sass = {FASTBERT_SASS_ARCHS}, ptx = {FASTBERT_PTX_ARCHS};
+  std::string out;
+  for (int a : sass) out += (out.empty() ? "" : ";") + std::string("sm_") + std::to_string(a);
+  for (int a : ptx) out += (out.empty() ? "" : ";") + std::string("compute_") + std::to_string(a);
+  return out;
+#else
+  return "";  // not recorded by this build: the caller checks the compute capability only
+#endif
+}
+
+// Dynamic shared memory the attention launcher requests (csrc/attention/attention.h), in bytes.
+int64_t attention_smem_bytes(int64_t head_dim, int64_t element_size, bool backward) {
+  TORCH_CHECK(element_size == 2, "attention_smem_bytes: the kernels take 2-byte elements, got ", element_size);
+  bool built = false;
+  for (int d : fastbert::kAttentionHeadDims) built = built || d == head_dim;
+  TORCH_CHECK(built, "attention_smem_bytes: no kernel for head_dim ", head_dim);
+  const int d = static_cast<int>(head_dim), e = static_cast<int>(element_size);
+  return static_cast<int64_t>(backward ? fastbert::attention_bwd_smem_bytes(d, e) : fastbert::attention_fwd_smem_bytes(d, e));
+}
+}  // namespace
+#endif
+
 TORCH_LIBRARY(fastbert, m) {
+#ifdef FASTBERT_WITH_CUDA
+  // Build facts the Python dispatch checks before it uses a kernel (fastbert/_backend.py).
+  m.def("cuda_arch_list() -> str", &cuda_arch_list);
+  m.def("attention_smem_bytes(int head_dim, int element_size, bool backward) -> int", &attention_smem_bytes);
+#endif
   // out[i] = x[index[i]]; x is [rows, hidden], index is 1-d int64 with values in [0, rows).
   m.def("gather_rows(Tensor x, Tensor index) -> Tensor");
   // out = zeros(num_rows, hidden); out[index[i]] = src[i]; index values unique.

@@ -19,9 +19,9 @@ namespace fastbert {
 // Element types the kernels accept; the binding file maps torch dtypes onto these.
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+constexpr int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Blocks for a grid-stride launch: enough to fill the device, never more than the work.
 inline int grid_size(int64_t work_items, int items_per_block, int max_blocks = 65535 * 4) {

@@ -52,6 +52,9 @@ def test_info_lists_versions_and_kernels():
     if _backend.extension_loaded() and torch.version.cuda:
         # a CUDA build of the extension lists the ops it compiled
         assert ("gather_rows" in r.stdout) == _backend.has_cuda_kernel("gather_rows")
+    if _backend.has_op("cuda_arch_list"):  # and the architectures it holds code for
+        archs = _backend.built_archs()
+        assert archs is not None and all(f"sm_{a}" in r.stdout for a in archs[0])
 
 
 def test_check_without_gpu_says_so():

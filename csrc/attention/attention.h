@@ -7,6 +7,28 @@
 
 namespace fastbert {
 
+// The launch shape of the forward and backward kernels, and the head sizes they are built for.
+// The launchers, the binding (attention_smem_bytes) and scripts/kernel_report.py read these.
+constexpr int kAttentionThreads = 128;   // 4 warps
+constexpr int kAttentionBlockM = 64;     // query rows per tile (4 warps x 16)
+constexpr int kAttentionBlockN = 64;     // keys per tile
+constexpr int kAttentionLdT = 64 + 8;    // row length of the transposed tiles ([head_dim][64 tokens])
+constexpr int kAttentionHeadDims[] = {32, 64, 128};
+
+// Dynamic shared memory the forward launcher requests for head_dim and a 2-byte element type:
+// sQ, sK [64][head_dim + 8] and sVt [head_dim][kAttentionLdT].
+constexpr size_t attention_fwd_smem_bytes(int head_dim, int element_size) {
+  return static_cast<size_t>(kAttentionBlockM * (head_dim + 8) + kAttentionBlockN * (head_dim + 8) +
+                             head_dim * kAttentionLdT) * element_size;
+}
+
+// The backward's: sK, sV, sQ, sdO [64][head_dim + 8]; sKt, sQt, sdOt [head_dim][kAttentionLdT];
+// sdS [64][kAttentionLdT]; lse and delta, 64 floats each.
+constexpr size_t attention_bwd_smem_bytes(int head_dim, int element_size) {
+  return static_cast<size_t>(4 * 64 * (head_dim + 8) + 3 * head_dim * kAttentionLdT + kAttentionBlockM * kAttentionLdT) *
+             element_size + 2 * kAttentionBlockM * sizeof(float);
+}
+
 // Dropout on the attention probabilities: element (token t, head h, key j) of a sequence is
 // kept iff philox4x32_10(counter = {j / 4, t, h, offset}, key = {seed_lo, seed_hi})[j % 4]
 // < keep_threshold, with keep_threshold = min(floor((1 - p) * 2^32), 2^32 - 1); kept values are

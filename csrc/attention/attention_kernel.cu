@@ -30,10 +30,10 @@
 namespace fastbert {
 namespace {
 
-constexpr int kThreads = 128;  // 4 warps
-constexpr int kBlockM = 64;    // query rows per tile (4 warps x 16)
-constexpr int kBlockN = 64;    // keys per tile
-constexpr int kLdT = 64 + 8;   // row length of the transposed tiles ([head_dim][64 tokens])
+constexpr int kThreads = kAttentionThreads;  // attention.h: 4 warps
+constexpr int kBlockM = kAttentionBlockM;    // query rows per tile (4 warps x 16)
+constexpr int kBlockN = kAttentionBlockN;    // keys per tile
+constexpr int kLdT = kAttentionLdT;          // row length of the transposed tiles ([head_dim][64 tokens])
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -177,7 +177,7 @@ __device__ __forceinline__ void load_tile(const T* src, int64_t row_stride, int 
 
 template <typename T, int D>
 constexpr size_t fwd_smem_bytes() {
-  return static_cast<size_t>(kBlockM * (D + 8) + kBlockN * (D + 8) + D * kLdT) * sizeof(T);
+  return attention_fwd_smem_bytes(D, sizeof(T));  // attention.h
 }
 
 template <typename T, int D>
@@ -296,9 +296,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
 
 template <typename T, int D>
 constexpr size_t bwd_smem_bytes() {
-  // sK, sV, sQ, sdO: [64][D+8]; sKt, sQt, sdOt: [D][kLdT]; sdS: [64][kLdT]; lse, delta: 64 floats
-  return static_cast<size_t>(4 * 64 * (D + 8) + 3 * D * kLdT + kBlockM * kLdT) * sizeof(T) +
-         2 * kBlockM * sizeof(float);
+  return attention_bwd_smem_bytes(D, sizeof(T));  // attention.h: sK, sV, sQ, sdO, sKt, sQt, sdOt, sdS, lse, delta
 }
 
 template <typename T, int D>

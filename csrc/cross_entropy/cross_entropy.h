@@ -12,6 +12,9 @@
 
 namespace fastbert {
 
+// The most threads per block of the kernels (one block per row, 32 per 16-byte pack up to this).
+constexpr int kCrossEntropyMaxThreads = 256;
+
 struct CrossEntropyFwdParams {
   const void* logits;     // [rows, classes], unit stride along classes, dtype
   const int64_t* labels;  // [rows]: in [0, classes) or ignore_index

@@ -12,7 +12,7 @@ namespace fastbert {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kMaxThreads = 256;
+constexpr int kMaxThreads = kCrossEntropyMaxThreads;  // cross_entropy.h
 
 // Running (max, sum of exp(x - max)) of an online softmax.
 struct MaxSum {

@@ -4,6 +4,9 @@
 
 namespace fastbert {
 
+// Threads per block of every gather/scatter kernel (one warp per row).
+constexpr int kGatherThreads = 256;
+
 // dst[i, :] = src[index[i], :] for i in [0, num_index). Rows are moved as bytes, so any dtype works.
 struct GatherRowsParams {
   const void* src;

@@ -5,7 +5,7 @@
 namespace fastbert {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kGatherThreads;  // gather.h
 constexpr int kRowsPerBlock = kThreads / 32;  // one warp per row
 
 template <typename Vec>

@@ -174,7 +174,7 @@ __global__ void LAYERNORM_BOUNDS(VEC, NV) layernorm_bwd_kernel(LayerNormBwdParam
 
 // Second stage: dweight[c] = sum over partial rows, likewise dbias. A block of 32 x 8 threads
 // owns 32 columns (coalesced reads) and splits the partial rows 8 ways.
-constexpr int kReduceCols = 32, kReduceRows = 8;
+constexpr int kReduceCols = kLayerNormReduceCols, kReduceRows = kLayerNormReduceRows;  // layernorm.h
 
 __global__ void layernorm_reduce_kernel(const float* __restrict__ partial, int64_t num_partials, int64_t hidden,
                                         float* __restrict__ dweight, float* __restrict__ dbias) {
@@ -202,25 +202,12 @@ __global__ void layernorm_reduce_kernel(const float* __restrict__ partial, int64
 
 // ----------------------------------------------------------------------------- launch config
 
-struct Config {
-  int vec;      // elements per access: 16 bytes' worth, or 1
-  int nv;       // packs per thread: 1, 2, 4 or 8
-  int threads;  // a multiple of 32, at most 1024
-};
+using Config = LayerNormConfig;  // layernorm.h
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 Config pick_config(int64_t hidden, DType dtype, bool pointers_aligned) {
-  Config c{};
-  const int wide = 16 / dtype_size(dtype);
-  c.vec = (pointers_aligned && hidden % wide == 0) ? wide : 1;
-  const int64_t packs = hidden / c.vec;
-  c.nv = 1;
-  while (c.nv < 8 && ceil_div(packs, c.nv) > 512) c.nv *= 2;  // keep blocks at most 512 threads when we can
-  c.threads = static_cast<int>(ceil_div(ceil_div(packs, c.nv), 32) * 32);
-  // hidden <= kLayerNormMaxHidden gives nv <= 2 (16-bit) or 4 (fp32) with 16-byte packs, and
-  // threads > 512 only with nv * vec <= 8, within LAYERNORM_BOUNDS.
-  return c;
+  return layernorm_config(hidden, dtype, pointers_aligned);
 }
 
 int num_sms() {
@@ -231,18 +218,18 @@ int num_sms() {
   return sms;
 }
 
-// Calls launch(std::integral_constant<int, NV>{}) for the packs per thread the config chose;
-// only the scalar path (VEC == 1) needs 8 packs per thread for hidden <= kLayerNormMaxHidden.
+// Calls launch(std::integral_constant<int, NV>{}) for the packs per thread the config chose.
+// Only NV <= layernorm_max_packs_per_thread(VEC) is instantiated: no hidden size reaches more
+// (16-bit types with 16-byte packs stop at 2, fp32 at 4, the scalar path at 8).
 template <int VEC, typename Launch>
 cudaError_t with_packs_per_thread(int nv, Launch&& launch) {
+  constexpr int kMaxNV = layernorm_max_packs_per_thread(VEC);
+  if (nv > kMaxNV) return cudaErrorInvalidValue;
   switch (nv) {
     case 1: launch(std::integral_constant<int, 1>{}); break;
-    case 2: launch(std::integral_constant<int, 2>{}); break;
-    case 4: launch(std::integral_constant<int, 4>{}); break;
-    default:
-      if constexpr (VEC == 1) launch(std::integral_constant<int, 8>{});
-      else return cudaErrorInvalidValue;
-      break;
+    case 2: if constexpr (kMaxNV >= 2) launch(std::integral_constant<int, 2>{}); break;
+    case 4: if constexpr (kMaxNV >= 4) launch(std::integral_constant<int, 4>{}); break;
+    default: if constexpr (kMaxNV >= 8) launch(std::integral_constant<int, 8>{}); break;
   }
   return cudaGetLastError();
 }

@@ -29,6 +29,11 @@ def run(args):
         missing = [n for n in OP_NAMES if n not in cuda_ops]
         if cuda_ops and missing:
             rows.append(("no kernel for", ", ".join(missing)))
+        if _backend.has_op("cuda_arch_list"):
+            rows.append(("built for", torch.ops.fastbert.cuda_arch_list().replace(";", ", ") or "not recorded"))
+        if cuda_ops and torch.cuda.is_available():
+            why = _backend.device_problem(torch.device("cuda", torch.cuda.current_device()))
+            rows.append(("kernels on this GPU", "yes" if why is None else f"no: {why}"))
     else:
         rows.append(("fastbert._C", f"not loaded ({_backend.extension_error()})"))
         rows.append(("CUDA kernels", "none: every op runs its PyTorch twin"))

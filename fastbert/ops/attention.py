@@ -215,8 +215,7 @@ if _backend.has_op("attention_varlen_fwd"):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.fastbert.attention_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens,
-                                                             *ctx.args)
+        dq, dk, dv = _varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None
 
     torch.library.register_autograd("fastbert::attention_varlen_fwd", _attention_backward,
@@ -274,15 +273,42 @@ def kernel_unsupported(q):
     return None
 
 
+def smem_problem(head_dim: int, element_size: int, device, backward: bool):
+    """Why the CUDA device cannot give the kernel for head_dim the shared memory its launcher asks
+    for (a reason), or None. The size comes from the launcher's own formula, through the extension
+    (csrc/attention/attention.h); head_dim 128's backward needs more than sm_86/89/120's 99 KiB."""
+    if torch.device(device).type != "cuda" or not _backend.has_op("attention_smem_bytes"):
+        return None  # no GPU to ask, or an extension from before the op (the launch reports it)
+    need = torch.ops.fastbert.attention_smem_bytes(head_dim, element_size, backward)
+    have = _backend.smem_per_block_optin(device)
+    if need <= have:
+        return None
+    return (f"head_dim {head_dim} ({'backward' if backward else 'forward'} needs {need} B of shared memory per "
+            f"block; this GPU allows {have} B)")
+
+
 def _use_kernel(q, k, v):
     if not _backend.use_kernel("attention_varlen_fwd", q, k, v):
         return False
-    why = kernel_unsupported(q)
+    why = kernel_unsupported(q) or smem_problem(q.shape[-1], q.element_size(), q.device, backward=False)
     if why is not None:
         _backend.warn_once(f"attention:{why}", f"fastbert attention: the CUDA kernel does not cover {why}; "
                                                "running the PyTorch twin")
         return False
     return True
+
+
+def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset):
+    """The backward of attention_varlen_fwd: the kernel, or its twin (one-time warning) where the
+    GPU lacks the shared memory the backward kernel needs. The twin regenerates the same dropout
+    mask from (seed, offset), so a kernel forward pairs with it exactly."""
+    args = (dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset)
+    why = smem_problem(q.shape[-1], q.element_size(), q.device, backward=True)
+    if why is None:
+        return torch.ops.fastbert.attention_varlen_bwd(*args)
+    _backend.warn_once(f"attention-bwd:{why}", f"fastbert attention: the CUDA backward kernel does not fit {why}; "
+                                               "running the PyTorch twin for the backward")
+    return attention_varlen_bwd_twin(*args)
 
 
 def _draw_seed_offset():

@@ -1,0 +1,97 @@
+// The launch table of fastbert's kernels, for scripts/kernel_report.py: every kernel instantiation
+// the launchers in csrc/<op>/*.cu can dispatch to, with the block sizes and the dynamic shared
+// memory they launch it with. Host-only C++ (g++ is enough): it reads the sizes and the configs
+// from the same csrc/<op>/<op>.h definitions the launchers use, so the two cannot drift apart
+// silently. Kernels the binary holds but this table lacks are reported as unreachable; kernels
+// this table names but the binary lacks are an error of the report, so keep it in step with the
+// dispatch code.
+//
+// Output, one line per instantiation: name<template args> TAB block sizes (comma-separated) TAB
+// dynamic shared memory in bytes. Names are spelled as c++filt prints them.
+#include <cstdio>
+#include <set>
+#include <string>
+
+#include "attention/attention.h"
+#include "cross_entropy/cross_entropy.h"
+#include "gather/gather.h"
+#include "layernorm/layernorm.h"
+
+namespace {
+
+using fastbert::DType;
+
+void row(const std::string& name, const std::set<int>& threads, size_t dynamic_smem) {
+  std::string t;
+  for (int n : threads) t += (t.empty() ? "" : ",") + std::to_string(n);
+  std::printf("%s\t%s\t%zu\n", name.c_str(), t.c_str(), dynamic_smem);
+}
+
+const char* type_name(DType t) {
+  return t == DType::kFloat32 ? "float" : t == DType::kFloat16 ? "__half" : "__nv_bfloat16";
+}
+
+void attention() {
+  // attention_kernel.cu: dispatch() over fp16/bf16 and kAttentionHeadDims; launch_fwd/launch_bwd.
+  for (const char* t : {"__half", "__nv_bfloat16"}) {
+    for (int d : fastbert::kAttentionHeadDims) {
+      const std::string args = std::string("<") + t + ", " + std::to_string(d) + ">";
+      row("attention_fwd_kernel" + args, {fastbert::kAttentionThreads}, fastbert::attention_fwd_smem_bytes(d, 2));
+      row("attention_bwd_kernel" + args, {fastbert::kAttentionThreads}, fastbert::attention_bwd_smem_bytes(d, 2));
+    }
+  }
+  row("attention_dropout_mask_kernel", {256}, 0);  // attention_dropout_mask(): 256 threads per block
+}
+
+void layernorm() {
+  // layernorm_kernel.cu: fwd_for/bwd_for launch <T, config.vec, config.nv> with config.threads.
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    std::set<std::string> seen;
+    std::set<int> threads[17][9];  // [vec][nv]
+    for (int64_t hidden = 1; hidden <= fastbert::kLayerNormMaxHidden; ++hidden) {
+      for (bool aligned : {true, false}) {
+        const fastbert::LayerNormConfig c = fastbert::layernorm_config(hidden, dtype, aligned);
+        threads[c.vec][c.nv].insert(c.threads);
+      }
+    }
+    for (int vec = 1; vec <= 16; ++vec) {
+      for (int nv = 1; nv <= 8; ++nv) {
+        if (threads[vec][nv].empty()) continue;
+        const std::string args =
+            std::string("<") + type_name(dtype) + ", " + std::to_string(vec) + ", " + std::to_string(nv) + ">";
+        row("layernorm_fwd_kernel" + args, threads[vec][nv], 0);
+        row("layernorm_bwd_kernel" + args, threads[vec][nv], 0);
+      }
+    }
+  }
+  row("layernorm_reduce_kernel", {fastbert::kLayerNormReduceCols * fastbert::kLayerNormReduceRows}, 0);
+}
+
+void cross_entropy() {
+  // cross_entropy_kernel.cu: threads_for(classes) = 32 per 16-byte pack, rounded to a warp, capped.
+  std::set<int> threads;
+  for (int n = 32; n <= fastbert::kCrossEntropyMaxThreads; n += 32) threads.insert(n);
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    row(std::string("cross_entropy_fwd_kernel<") + type_name(dtype) + ">", threads, 0);
+    row(std::string("cross_entropy_bwd_kernel<") + type_name(dtype) + ">", threads, 0);
+  }
+}
+
+void gather() {
+  // gather_kernel.cu: dispatch_vector() over 16, 8, 4, 2 and 1-byte accesses.
+  for (const char* v : {"uint4", "uint2", "unsigned int", "unsigned short", "unsigned char"}) {
+    row(std::string("gather_rows_kernel<") + v + ">", {fastbert::kGatherThreads}, 0);
+    row(std::string("scatter_rows_kernel<") + v + ">", {fastbert::kGatherThreads}, 0);
+  }
+  row("build_inverse_kernel", {fastbert::kGatherThreads}, 0);
+}
+
+}  // namespace
+
+int main() {
+  attention();
+  layernorm();
+  cross_entropy();
+  gather();
+  return 0;
+}

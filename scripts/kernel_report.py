@@ -1,0 +1,394 @@
+"""Static resources of every CUDA kernel in the built extension, per architecture it was built for.
+
+    python scripts/kernel_report.py [--so fastbert/_C*.so] [--json report.json]
+
+For each kernel instantiation the launchers can dispatch to (the launch table that
+scripts/kernel_launches.cpp prints from the csrc/<op>/<op>.h definitions the launchers use) and
+each architecture the binary holds machine code for: registers, local-memory spill stores and
+loads (counted from the SASS), static and dynamic shared memory, and the theoretical occupancy
+(CTAs and warps per SM, from registers, shared memory and threads per block under that
+architecture's SM limits; for a kernel launched with several block sizes, the worst one).
+
+Exit status 1, with the reason, when a reachable instantiation spills, when a launch would ask
+for more shared memory than the architecture allows per block (opt-in included), or when the
+launch table names a kernel the binary lacks. Kernels the binary holds that no launcher reaches
+are listed as unreachable and do not fail the report.
+
+Tools: cuobjdump (the CUDA toolkit's, or the copy the `triton` package ships: torch's CUDA wheels
+depend on it) reads the binary without a GPU; g++ builds the launch table; c++filt demangles.
+"""
+import argparse
+import dataclasses
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+KIB = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class SMLimits:
+    """Per-SM limits of one architecture (CUDA C++ Programming Guide, "Technical Specifications
+    per Compute Capability"; shared memory as cudaDevAttrMaxSharedMemoryPerMultiprocessor and
+    cudaDevAttrMaxSharedMemoryPerBlockOptin report it)."""
+    max_warps: int            # resident warps per SM
+    max_ctas: int             # resident thread blocks per SM
+    smem_per_sm: int          # bytes, the largest carveout
+    smem_optin: int           # bytes per block with cudaFuncAttributeMaxDynamicSharedMemorySize
+    reserved_smem: int        # bytes the system reserves per block (sm_80 and newer: 1 KiB)
+    regs_per_sm: int = 65536
+    max_regs_per_thread: int = 255
+    reg_unit: int = 256       # registers are allocated per warp in units of 256
+    sub_partitions: int = 4   # the register file is split over 4 schedulers
+    smem_unit: int = 128      # shared memory allocation granularity per block
+
+
+SMEM_DEFAULT_LIMIT = 48 * KIB  # per block without the opt-in attribute, every architecture
+
+SM_LIMITS = {
+    70: SMLimits(max_warps=64, max_ctas=32, smem_per_sm=96 * KIB, smem_optin=96 * KIB, reserved_smem=0),
+    75: SMLimits(max_warps=32, max_ctas=16, smem_per_sm=64 * KIB, smem_optin=64 * KIB, reserved_smem=0),
+    80: SMLimits(max_warps=64, max_ctas=32, smem_per_sm=164 * KIB, smem_optin=163 * KIB, reserved_smem=KIB),
+    86: SMLimits(max_warps=48, max_ctas=16, smem_per_sm=100 * KIB, smem_optin=99 * KIB, reserved_smem=KIB),
+    87: SMLimits(max_warps=48, max_ctas=16, smem_per_sm=164 * KIB, smem_optin=163 * KIB, reserved_smem=KIB),
+    89: SMLimits(max_warps=48, max_ctas=24, smem_per_sm=100 * KIB, smem_optin=99 * KIB, reserved_smem=KIB),
+    90: SMLimits(max_warps=64, max_ctas=32, smem_per_sm=228 * KIB, smem_optin=227 * KIB, reserved_smem=KIB),
+    100: SMLimits(max_warps=64, max_ctas=32, smem_per_sm=228 * KIB, smem_optin=227 * KIB, reserved_smem=KIB),
+    120: SMLimits(max_warps=48, max_ctas=32, smem_per_sm=100 * KIB, smem_optin=99 * KIB, reserved_smem=KIB),
+}
+
+
+def limits(arch: int) -> SMLimits:
+    if arch not in SM_LIMITS:
+        raise ValueError(f"no SM limits known for sm_{arch}; known: {', '.join(f'sm_{a}' for a in sorted(SM_LIMITS))}")
+    return SM_LIMITS[arch]
+
+
+def same_family(arch: int):
+    """Architectures that run sm_<arch> machine code: the same major version, this minor or newer."""
+    return [a for a in sorted(SM_LIMITS) if a // 10 == arch // 10 and a >= arch]
+
+
+# ----------------------------------------------------------------------------- occupancy
+
+@dataclasses.dataclass(frozen=True)
+class Occupancy:
+    ctas: int      # resident blocks per SM
+    warps: int     # resident warps per SM
+    limiter: str   # what stops one more block: "warps", "registers", "shared memory" or "blocks"
+    fraction: float  # warps / max warps per SM
+
+
+def occupancy(arch: int, registers: int, threads: int, smem_bytes: int) -> Occupancy:
+    """Theoretical occupancy of a kernel using `registers` per thread, launched with `threads` per
+    block and `smem_bytes` of shared memory per block (static + dynamic), as the CUDA occupancy
+    calculator computes it."""
+    lim = limits(arch)
+    if threads < 1 or threads > 1024:
+        raise ValueError(f"threads per block must be in [1, 1024], got {threads}")
+    if registers < 0 or smem_bytes < 0:
+        raise ValueError(f"registers and shared memory must be >= 0, got {registers} and {smem_bytes}")
+    warps_per_cta = math.ceil(threads / 32)
+    bounds = {"warps": lim.max_warps // warps_per_cta, "blocks": lim.max_ctas}
+    if registers > lim.max_regs_per_thread:
+        bounds["registers"] = 0
+    elif registers > 0:
+        regs_per_warp = math.ceil(registers * 32 / lim.reg_unit) * lim.reg_unit
+        warps_per_partition = (lim.regs_per_sm // lim.sub_partitions) // regs_per_warp
+        bounds["registers"] = warps_per_partition * lim.sub_partitions // warps_per_cta
+    per_cta = math.ceil((smem_bytes + lim.reserved_smem) / lim.smem_unit) * lim.smem_unit
+    if smem_bytes > lim.smem_optin:
+        bounds["shared memory"] = 0
+    elif per_cta > 0:
+        bounds["shared memory"] = lim.smem_per_sm // per_cta
+    limiter = min(bounds, key=lambda k: (bounds[k], k != "blocks"))  # ties: name the resource, not the cap
+    ctas = bounds[limiter]
+    return Occupancy(ctas=ctas, warps=ctas * warps_per_cta, limiter=limiter,
+                     fraction=ctas * warps_per_cta / lim.max_warps)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def kernel_key(demangled: str) -> str:
+    """'void ns::(anonymous namespace)::k<__half, 64>(P)' -> 'k<__half, 64>'."""
+    m = re.search(r"([A-Za-z_]\w*(?:<[^()]*>)?)\(", demangled)
+    if not m:
+        raise ValueError(f"cannot read a kernel name from {demangled!r}")
+    return m.group(1)
+
+
+@dataclasses.dataclass
+class Resources:
+    arch: int
+    mangled: str
+    registers: int
+    stack: int
+    shared: int       # static shared memory as cuobjdump counts it (with the per-block reservation)
+    local: int
+    spill_stores: int = 0
+    spill_loads: int = 0
+
+    def static_smem(self) -> int:
+        """Static shared memory the kernel declares. From sm_80 on cuobjdump's SHARED includes the
+        1 KiB the system reserves per block whenever the kernel uses shared memory (checked against
+        ptxas -v: 256 B declared, SHARED:1280)."""
+        reserved = limits(self.arch).reserved_smem if self.arch in SM_LIMITS else 0
+        return self.shared - reserved if reserved and self.shared >= reserved else self.shared
+
+
+def parse_res_usage(text: str):
+    """Resources per (arch, mangled name) from `cuobjdump -res-usage` output."""
+    out, arch, name = [], None, None
+    for line in text.splitlines():
+        m = re.match(r"\s*arch = sm_(\d+)", line)
+        if m:
+            arch = int(m.group(1))
+            continue
+        m = re.match(r"\s*Function (\S+):\s*$", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.match(r"\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m and name is not None:
+            if arch is None:
+                raise ValueError(f"cuobjdump output names function {name} before any 'arch = sm_XX' line")
+            reg, stack, shared, local = map(int, m.groups())
+            out.append(Resources(arch, name, reg, stack, shared, local))
+            name = None
+    return out
+
+
+_LOCAL_ACCESS = re.compile(r"\b(STL|LDL)((?:\.[A-Z0-9]+)*)\s")
+
+
+def local_access_bytes(suffixes: str) -> int:
+    """Bytes moved by one STL/LDL from its suffixes: .64 = 8, .128 = 16, .U8/.S8 = 1, .U16/.S16 = 2, else 4."""
+    parts = suffixes.split(".")
+    if "128" in parts:
+        return 16
+    if "64" in parts:
+        return 8
+    if "U8" in parts or "S8" in parts:
+        return 1
+    if "U16" in parts or "S16" in parts:
+        return 2
+    return 4
+
+
+def parse_sass_spills(text: str):
+    """{(arch, mangled name): (store bytes, load bytes)} of local-memory accesses in `cuobjdump -sass`
+    output; ptxas counts the same instructions as "bytes spill stores/loads"."""
+    out, arch, name = {}, None, None
+    for line in text.splitlines():
+        m = re.match(r"\s*arch = sm_(\d+)", line)
+        if m:
+            arch = int(m.group(1))
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            name = m.group(1)
+            out.setdefault((arch, name), (0, 0))
+            continue
+        m = _LOCAL_ACCESS.search(line)
+        if m and name is not None:
+            stores, loads = out[(arch, name)]
+            size = local_access_bytes(m.group(2))
+            out[(arch, name)] = (stores + size, loads) if m.group(1) == "STL" else (stores, loads + size)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    name: str
+    threads: tuple
+    dynamic_smem: int
+
+
+def parse_launch_table(text: str):
+    table = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        name, threads, smem = line.split("\t")
+        table[name] = Launch(name, tuple(int(t) for t in threads.split(",")), int(smem))
+    return table
+
+
+# ----------------------------------------------------------------------------- the checks
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    arch: int
+    reachable: bool
+    res: Resources
+    threads: tuple = ()
+    dynamic_smem: int = 0
+    occupancy: Occupancy = None
+    worst_threads: int = 0
+
+
+def evaluate(resources, launch_table, demangle):
+    """(rows, errors, notes) for the kernels of a binary against the launch table."""
+    rows, errors, notes = [], [], []
+    archs = sorted({r.arch for r in resources})
+    seen = set()
+    for res in resources:
+        name = kernel_key(demangle(res.mangled))
+        seen.add((res.arch, name))
+        launch = launch_table.get(name)
+        row = Row(name, res.arch, launch is not None, res)
+        rows.append(row)
+        if launch is None:
+            continue
+        row.threads, row.dynamic_smem = launch.threads, launch.dynamic_smem
+        lim = limits(res.arch)
+        total_smem = res.static_smem() + launch.dynamic_smem
+        occ = [(occupancy(res.arch, res.registers, t, total_smem), t) for t in launch.threads]
+        row.occupancy, row.worst_threads = min(occ, key=lambda o: (o[0].fraction, o[1]))
+        if res.spill_stores or res.spill_loads:
+            errors.append(f"{name} on sm_{res.arch} spills: {res.spill_stores} B of local stores, {res.spill_loads} B "
+                          f"of local loads ({res.registers} registers, {res.stack} B stack frame); expected none")
+        if total_smem > lim.smem_optin:
+            errors.append(f"{name} on sm_{res.arch} asks for {total_smem} B of shared memory per block "
+                          f"({res.static_smem()} static + {launch.dynamic_smem} dynamic); sm_{res.arch} allows at most "
+                          f"{lim.smem_optin} B with the opt-in")
+        elif total_smem > SMEM_DEFAULT_LIMIT:
+            over = [a for a in same_family(res.arch) if limits(a).smem_optin < total_smem]
+            if over:
+                notes.append(f"{name}: {total_smem} B of shared memory is over the opt-in limit of "
+                             f"{', '.join(f'sm_{a}' for a in over)}, which also run sm_{res.arch} code: "
+                             "the Python dispatch runs the PyTorch twin there")
+        if row.occupancy.ctas == 0 and total_smem <= lim.smem_optin:
+            errors.append(f"{name} on sm_{res.arch} cannot launch: no block fits an SM "
+                          f"(limited by {row.occupancy.limiter})")
+    for name in sorted(launch_table):
+        for arch in archs:
+            if (arch, name) not in seen:
+                errors.append(f"the launch table (scripts/kernel_launches.cpp) names {name}, but the binary holds no "
+                              f"sm_{arch} code for it; keep the table in step with the launchers")
+    return rows, errors, notes
+
+
+def format_rows(rows):
+    header = ("kernel", "arch", "regs", "spill st/ld B", "static smem", "dyn smem", "threads", "CTAs/SM", "warps/SM",
+              "occupancy", "limited by")
+    lines = [header]
+    for r in sorted(rows, key=lambda r: (not r.reachable, r.arch, r.name)):
+        if not r.reachable:
+            lines.append((r.name, f"sm_{r.arch}", str(r.res.registers), f"{r.res.spill_stores}/{r.res.spill_loads}",
+                          str(r.res.static_smem()), "-", "-", "-", "-", "-", "unreachable: no launcher uses it"))
+            continue
+        t = f"{min(r.threads)}-{max(r.threads)}" if len(r.threads) > 1 else str(r.threads[0])
+        o = r.occupancy
+        lines.append((r.name, f"sm_{r.arch}", str(r.res.registers), f"{r.res.spill_stores}/{r.res.spill_loads}",
+                      str(r.res.static_smem()), str(r.dynamic_smem), t + (f" (worst {r.worst_threads})" if len(r.threads) > 1 else ""),
+                      str(o.ctas), str(o.warps), f"{o.fraction:.0%}", o.limiter))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+# ----------------------------------------------------------------------------- tools
+
+def find_cuobjdump():
+    candidates = [shutil.which("cuobjdump")]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "bin", "cuobjdump"))
+    candidates.append("/usr/local/cuda/bin/cuobjdump")
+    spec = importlib.util.find_spec("triton")  # torch's CUDA wheels depend on triton, which ships one
+    if spec is not None and spec.origin:
+        candidates.append(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "cuobjdump"))
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    raise SystemExit("kernel_report: no cuobjdump found (looked on PATH, in $CUDA_HOME/bin, /usr/local/cuda/bin and "
+                     "the triton package); install a CUDA toolkit with it, or `pip install triton`")
+
+
+def cuda_include():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        d = os.environ.get(var)
+        if d and os.path.isfile(os.path.join(d, "include", "cuda_runtime.h")):
+            return os.path.join(d, "include")
+    nvcc = shutil.which("nvcc")
+    for d in ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]:
+        if os.path.isfile(os.path.join(d, "include", "cuda_runtime.h")):
+            return os.path.join(d, "include")
+    raise SystemExit("kernel_report: no CUDA toolkit headers found (set CUDA_HOME)")
+
+
+def launch_table():
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "kernel_launches")
+        cmd = [os.environ.get("CXX", "g++"), "-std=c++17", "-O1", "-I", os.path.join(ROOT, "csrc"), "-I",
+               cuda_include(), os.path.join(ROOT, "scripts", "kernel_launches.cpp"), "-o", exe]
+        subprocess.run(cmd, check=True)
+        return parse_launch_table(subprocess.run([exe], check=True, capture_output=True, text=True).stdout)
+
+
+def demangler(names):
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    table = dict(zip(names, out.splitlines()))
+    return lambda n: table[n]
+
+
+def read_binary(so, cuobjdump):
+    res = parse_res_usage(subprocess.run([cuobjdump, "-res-usage", so], check=True, capture_output=True,
+                                         text=True).stdout)
+    if not res:
+        raise SystemExit(f"kernel_report: {so} holds no CUDA machine code (built with FASTBERT_SKIP_CUDA=1, or "
+                         "for PTX only?)")
+    stacked = sorted({r.mangled for r in res if r.stack > 0 or r.local > 0})
+    if stacked:  # only kernels with a stack frame can touch local memory: disassemble just those
+        sass = subprocess.run([cuobjdump, "-sass", "-fun", ",".join(stacked), so], capture_output=True, text=True)
+        spills = parse_sass_spills(sass.stdout)
+        for r in res:
+            if r.mangled in stacked and (r.arch, r.mangled) not in spills:
+                raise SystemExit(f"kernel_report: cuobjdump -sass gave no sm_{r.arch} code for {r.mangled}, which has "
+                                 f"a stack frame; cannot count its spills ({sass.stderr.strip()[:500]})")
+            r.spill_stores, r.spill_loads = spills.get((r.arch, r.mangled), (0, 0))
+    return res
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--so", help="the extension to read (default: fastbert/_C*.so of this checkout)")
+    parser.add_argument("--json", help="also write the rows, errors and notes to this JSON file")
+    args = parser.parse_args(argv)
+    so = args.so
+    if so is None:
+        found = sorted(glob.glob(os.path.join(ROOT, "fastbert", "_C*.so")))
+        if not found:
+            raise SystemExit("kernel_report: no fastbert/_C*.so here; build it first (FASTBERT_FORCE_CUDA=1 "
+                             "pip install --no-build-isolation -e .) or pass --so")
+        so = found[0]
+    resources = read_binary(so, find_cuobjdump())
+    rows, errors, notes = evaluate(resources, launch_table(), demangler(sorted({r.mangled for r in resources})))
+    print(f"kernel resources of {os.path.relpath(so)} ({', '.join(f'sm_{a}' for a in sorted({r.arch for r in rows}))})")
+    print(format_rows(rows))
+    for n in notes:
+        print(f"note: {n}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": [dataclasses.asdict(r) for r in rows], "errors": errors, "notes": notes}, f, indent=1)
+    if errors:
+        print("\nkernel_report: FAILED", file=sys.stderr)
+        for e in errors:
+            print(f"  - {e}", file=sys.stderr)
+        return 1
+    print("kernel_report: OK (no spills in reachable kernels; shared memory within every built architecture's limit)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

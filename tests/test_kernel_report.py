@@ -1,0 +1,192 @@
+"""scripts/kernel_report.py's logic on synthetic inputs: occupancy under each architecture's SM
+limits, reading cuobjdump's output, and which findings fail CI."""
+import importlib.util
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("kernel_report", ROOT / "scripts" / "kernel_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+KR = _load()
+KIB = 1024
+
+
+# ----------------------------------------------------------------------------- occupancy
+
+def test_registers_limit_occupancy():
+    # 255 registers: 255 * 32 rounds up to 8192 per warp, 16384 per scheduler -> 2 warps each, 8 per SM
+    occ = KR.occupancy(90, registers=255, threads=128, smem_bytes=0)
+    assert (occ.ctas, occ.warps, occ.limiter) == (2, 8, "registers")
+    assert occ.fraction == pytest.approx(8 / 64)
+    # 64 registers: 2048 per warp -> 8 warps per scheduler, 32 per SM -> one 1024-thread block
+    occ = KR.occupancy(80, registers=64, threads=1024, smem_bytes=0)
+    assert (occ.ctas, occ.warps, occ.limiter) == (1, 32, "registers")
+
+
+def test_warp_and_block_limits_depend_on_the_architecture():
+    # 32 registers, 512 threads (16 warps): sm_90 holds 64 warps -> 4 blocks, sm_86 48 -> 3
+    assert KR.occupancy(90, 32, 512, 0).ctas == 4
+    assert KR.occupancy(86, 32, 512, 0).ctas == 3
+    # one-warp blocks: capped by resident blocks per SM (32 on sm_90, 16 on sm_86, 24 on sm_89)
+    assert [KR.occupancy(a, 32, 32, 0).ctas for a in (90, 86, 89)] == [32, 16, 24]
+    assert KR.occupancy(86, 32, 32, 0).limiter == "blocks"
+
+
+def test_shared_memory_limits_occupancy_with_the_reserved_kib():
+    # 100 KiB + 1 KiB reserved per block: two fit in sm_90's 228 KiB, one in sm_80's 164 KiB
+    occ = KR.occupancy(90, registers=32, threads=128, smem_bytes=100 * KIB)
+    assert (occ.ctas, occ.limiter) == (2, "shared memory")
+    assert KR.occupancy(80, 32, 128, 100 * KIB).ctas == 1
+    # 113.5 KiB + 1 KiB: 228 // 114.5 = 1 on sm_90 (without the reservation it would be 2)
+    assert KR.occupancy(90, 32, 128, 113 * KIB + 512).ctas == 1
+    # over the opt-in limit nothing launches
+    occ = KR.occupancy(86, 32, 128, 100 * KIB)
+    assert (occ.ctas, occ.limiter) == (0, "shared memory")
+
+
+def test_occupancy_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="threads per block"):
+        KR.occupancy(90, 32, 2048, 0)
+    with pytest.raises(ValueError, match="no SM limits known for sm_42"):
+        KR.occupancy(42, 32, 128, 0)
+
+
+def test_same_family():
+    assert KR.same_family(80) == [80, 86, 87, 89]
+    assert KR.same_family(86) == [86, 87, 89]
+    assert KR.same_family(90) == [90]
+
+
+# ----------------------------------------------------------------------------- reading cuobjdump
+
+RES_USAGE = """
+Fatbin elf code:
+================
+arch = sm_80
+code version = [1,8]
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _Z4spillv:
+  REG:255 STACK:24 SHARED:1024 LOCAL:0 CONSTANT[0]:736 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z5cleanv:
+  REG:40 STACK:0 SHARED:1280 LOCAL:0 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+Fatbin elf code:
+================
+arch = sm_75
+
+Resource usage:
+ Function _Z5cleanv:
+  REG:38 STACK:0 SHARED:256 LOCAL:0 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+SASS = """
+Fatbin elf code:
+================
+arch = sm_80
+
+        code for sm_80
+                Function : _Z4spillv
+        /*0010*/                   STL [R1+0x10], R12 ;
+        /*0020*/                   STL.64 [R1+0x8], R4 ;
+        /*0030*/                   LDL.128 R8, [R1] ;
+        /*0040*/                   LDL.LU R2, [R1+0x4] ;
+        /*0050*/                   LDL.U8 R3, [R1+0x2] ;
+        /*0060*/                   LDG.E.64 R6, [R2.64] ;
+        /*0070*/                   STS.64 [R0], R4 ;
+                Function : _Z5cleanv
+        /*0010*/                   LDG.E R6, [R2.64] ;
+"""
+
+
+def test_parse_res_usage_per_architecture():
+    res = KR.parse_res_usage(RES_USAGE)
+    assert [(r.arch, r.mangled, r.registers, r.stack, r.shared) for r in res] == [
+        (80, "_Z4spillv", 255, 24, 1024), (80, "_Z5cleanv", 40, 0, 1280), (75, "_Z5cleanv", 38, 0, 256)]
+    # sm_80 counts the 1 KiB reserved per block in SHARED; sm_75 reserves nothing
+    assert [r.static_smem() for r in res] == [0, 256, 256]
+
+
+def test_parse_sass_counts_local_store_and_load_bytes():
+    spills = KR.parse_sass_spills(SASS)
+    assert spills[(80, "_Z4spillv")] == (4 + 8, 16 + 4 + 1)  # LDG/STS (global, shared) are not spills
+    assert spills[(80, "_Z5cleanv")] == (0, 0)
+
+
+def test_kernel_key():
+    assert KR.kernel_key("void fastbert::(anonymous namespace)::attention_fwd_kernel<__half, 64>"
+                         "(fastbert::AttentionFwdParams)") == "attention_fwd_kernel<__half, 64>"
+    assert KR.kernel_key("fastbert::(anonymous namespace)::build_inverse_kernel(long const*, int*, long)") == \
+        "build_inverse_kernel"
+
+
+# ----------------------------------------------------------------------------- what fails CI
+
+def _res(arch, name, registers=32, stack=0, shared=0, spill=(0, 0)):
+    r = KR.Resources(arch, name, registers, stack, shared, 0)
+    r.spill_stores, r.spill_loads = spill
+    return r
+
+
+def _evaluate(resources, table):
+    launches = {name: KR.Launch(name, threads, smem) for name, (threads, smem) in table.items()}
+    return KR.evaluate(resources, launches, demangle=lambda mangled: f"void {mangled}(P)")
+
+
+def test_spill_fails_only_when_reachable():
+    resources = [_res(90, "used<1>", 255, 24, spill=(20, 24)), _res(90, "unused<8>", 128, 80, spill=(312, 232))]
+    rows, errors, _ = _evaluate(resources, {"used<1>": ((128,), 0)})
+    assert len(errors) == 1 and "used<1> on sm_90 spills: 20 B" in errors[0]
+    assert {r.name: r.reachable for r in rows} == {"used<1>": True, "unused<8>": False}
+    rows, errors, _ = _evaluate([resources[1]] + [_res(90, "used<1>")], {"used<1>": ((128,), 0)})
+    assert errors == []  # the spilling kernel nobody launches is reported, not failed
+
+
+def test_shared_memory_over_the_opt_in_limit_fails():
+    table = {"attn<128>": ((128,), 134656)}
+    _, errors, notes = _evaluate([_res(86, "attn<128>", shared=1024)], table)
+    assert len(errors) == 1 and "101376 B" in errors[0] and "134656 dynamic" in errors[0]
+    # sm_80 allows it; the note names the family members that run sm_80 code but lack the memory
+    _, errors, notes = _evaluate([_res(80, "attn<128>", shared=1024)], table)
+    assert errors == [] and len(notes) == 1 and "sm_86, sm_89" in notes[0] and "sm_87" not in notes[0]
+    # static + dynamic together count: 1 KiB static tips 226.5 KiB of dynamic over sm_90's 227 KiB
+    _, errors, _ = _evaluate([_res(90, "k", shared=2048)], {"k": ((128,), 227 * KIB - 512)})
+    assert len(errors) == 1 and "1024 static" in errors[0]
+    _, errors, _ = _evaluate([_res(90, "k", shared=1024)], {"k": ((128,), 227 * KIB - 512)})
+    assert errors == []
+
+
+def test_worst_block_size_is_reported():
+    # 32-thread blocks are capped at 32 blocks (50% of sm_90's warps); 256 threads fill the SM
+    rows, errors, _ = _evaluate([_res(90, "ln<1>")], {"ln<1>": ((32, 256), 0)})
+    assert errors == [] and rows[0].worst_threads == 32 and rows[0].occupancy.fraction == pytest.approx(0.5)
+
+
+def test_table_kernel_missing_from_the_binary_fails():
+    _, errors, _ = _evaluate([_res(90, "a")], {"a": ((128,), 0), "b<2>": ((128,), 0)})
+    assert len(errors) == 1 and "names b<2>" in errors[0] and "sm_90" in errors[0]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the launch table")
+def test_launch_table_reads_the_launchers_headers():
+    try:
+        table = KR.launch_table()
+    except (SystemExit, subprocess.CalledProcessError) as e:
+        pytest.skip(f"launch table did not build here: {e}")
+    # layernorm: no hidden size <= 8192 takes 4 packs per thread with 16-byte fp16 packs, so the
+    # launchers do not instantiate <__half, 8, 4> (it spilled 312 B); fp32 needs <float, 4, 4>
+    assert "layernorm_bwd_kernel<__half, 8, 2>" in table and "layernorm_bwd_kernel<__half, 8, 4>" not in table
+    assert "layernorm_bwd_kernel<float, 4, 4>" in table and max(table["layernorm_fwd_kernel<float, 1, 8>"].threads) == 1024
+    smem = {name: t.dynamic_smem for name, t in table.items() if name.startswith("attention_bwd_kernel<__half")}
+    assert smem["attention_bwd_kernel<__half, 128>"] > 99 * KIB > smem["attention_bwd_kernel<__half, 64>"]
