@@ -40,13 +40,17 @@ def _loss_and_grads(model, batch):
 
 
 @pytest.mark.parametrize("order", ORDERS)
-@pytest.mark.parametrize("dtype, hidden_act", [(torch.float32, "gelu"), (torch.bfloat16, "gelu_pytorch_tanh")])
-def test_pretraining_forward_backward_emulated_equals_twins(seed, monkeypatch, order, dtype, hidden_act):
+@pytest.mark.parametrize("dtype, hidden_act, padding_free", [(torch.float32, "gelu", None),
+                                                             (torch.bfloat16, "gelu_pytorch_tanh", None),
+                                                             (torch.bfloat16, "gelu_new", True)])
+def test_pretraining_forward_backward_emulated_equals_twins(seed, monkeypatch, order, dtype, hidden_act,
+                                                            padding_free):
     # hidden 64 (16-byte path), intermediate 150 (bias_gelu's scalar path), head_dim 32 (the attention
     # kernel in bf16); no dropout, so both paths compute one function
     config = random_config(hidden_size=64, num_attention_heads=2, intermediate_size=150, hidden_act=hidden_act,
                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = BertForPreTraining(config).to(dtype).train()
+    model.padding_free = padding_free  # True: [tokens, hidden] through every layer, the varlen attention
     batch = make_batch(config, [9, 4, 1])
     with fastbert.kernels(False):
         twin = _loss_and_grads(model, batch)
