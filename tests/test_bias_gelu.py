@@ -137,6 +137,16 @@ def test_emulated_backward_row_split_over_many_rows(seed):
         torch.testing.assert_close(k, t, rtol=1e-5, atol=1e-4)
 
 
+@needs_ext
+@needs_emulator
+def test_selfcheck_passes_on_the_emulated_kernel(monkeypatch):
+    """`fastbert check`'s self-check, run here on the emulated kernel at small sizes: every case ok."""
+    monkeypatch.setattr(bg, "SELFCHECK_SHAPES", ((1, 96), (7, 72), (5, 101)))
+    with emulated(order="warp"):
+        results = bg.selfcheck(torch.device("cpu"))
+    assert results and all(r.ok for r in results), [r for r in results if not r.ok]
+
+
 # ----------------------------------------------------------------------------- on a GPU
 
 
