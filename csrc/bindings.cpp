@@ -118,6 +118,15 @@ TORCH_LIBRARY(fastbert, m) {
         "float dropout_p, int seed, int offset) "
         "-> (Tensor dx, Tensor dresidual, Tensor dweight, Tensor dln_bias, Tensor dbias)");
   // ---- end bias_dropout_residual_layernorm ----
+  // ---- embeddings_layernorm_dropout (a mode of csrc/bias_dropout_residual_layernorm/) ----
+  // h = a + b (+ c), y = dropout(LayerNorm(h)) (Philox(seed, offset), csrc/row_dropout.h): the
+  // embeddings' word + token type + position sum, norm and dropout. h in a's dtype, mean/rstd fp32.
+  m.def("embeddings_layernorm_dropout_fwd(Tensor a, Tensor b, Tensor? c, Tensor? weight, Tensor? bias, float eps, "
+        "float dropout_p, int seed, int offset) -> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
+  // dh (the gradient of each of a, b, c) in h's dtype; dweight, dbias fp32 [hidden].
+  m.def("embeddings_layernorm_dropout_bwd(Tensor dy, Tensor h, Tensor mean, Tensor rstd, Tensor? weight, "
+        "float dropout_p, int seed, int offset) -> (Tensor dh, Tensor dweight, Tensor dbias)");
+  // ---- end embeddings_layernorm_dropout ----
 }
 
 #ifdef FASTBERT_WITH_CUDA
@@ -610,6 +619,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_dropout_residual
   p.x = x.data_ptr();
   p.bias = ptr_or_null(bias);
   p.residual = residual.data_ptr();
+  p.residual2 = nullptr;
   p.weight = ptr_or_null(weight);
   p.beta = ptr_or_null(ln_bias);
   p.y = y.data_ptr();
@@ -620,6 +630,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_dropout_residual
   p.hidden = hidden;
   p.eps = static_cast<float>(eps);
   p.dropout = row_dropout(dropout_p, seed, offset, op);
+  p.dropout_after_norm = false;
   p.dtype = dtype;
   p.stream = current_stream(x);
   FASTBERT_CHECK_CUDA(fastbert::bdrln_fwd(p), op);
@@ -666,10 +677,102 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_drop
   p.rows = rows;
   p.hidden = hidden;
   p.dropout = row_dropout(dropout_p, seed, offset, op);
+  p.dropout_after_norm = false;
   p.dtype = dtype;
   p.stream = current_stream(h);
   FASTBERT_CHECK_CUDA(fastbert::bdrln_bwd(p), op);
   return {dx, dresidual, dweight, dln_bias, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embeddings_layernorm_dropout_fwd_cuda(
+    const at::Tensor& a_in, const at::Tensor& b_in, const std::optional<at::Tensor>& c_in,
+    const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in, double eps,
+    double dropout_p, int64_t seed, int64_t offset) {
+  constexpr const char* op = "embeddings_layernorm_dropout_fwd";
+  TORCH_CHECK(a_in.is_cuda() && a_in.dim() >= 1, op, ": a must be a CUDA tensor with at least 1 dim");
+  const bool has_c = c_in.has_value() && c_in->defined();
+  for (const at::Tensor* t : {&b_in, has_c ? &*c_in : &b_in})
+    TORCH_CHECK(t->sizes() == a_in.sizes() && t->scalar_type() == a_in.scalar_type() && t->device() == a_in.device(),
+                op, ": b and c must match a in shape, dtype and device");
+  const fastbert::DType dtype = float_dtype(a_in, op);
+  const int64_t hidden = a_in.size(-1);
+  TORCH_CHECK(hidden >= 1 && hidden <= fastbert::kBdrlnMaxHidden, op, ": hidden size ", hidden, " outside [1, ",
+              fastbert::kBdrlnMaxHidden, "]");
+  c10::cuda::CUDAGuard guard(a_in.device());
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor c = has_c ? c_in->contiguous() : at::Tensor();
+  const at::Tensor weight = feature_param(weight_in, a, op, "weight"), bias = feature_param(bias_in, a, op, "bias");
+  const int64_t rows = a.numel() / hidden;
+  at::Tensor y = at::empty_like(a), h = at::empty_like(a);
+  at::Tensor mean = at::empty({rows}, a.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, a.options().dtype(at::kFloat));
+  fastbert::BdrlnFwdParams p{};
+  p.x = a.data_ptr();
+  p.bias = nullptr;
+  p.residual = b.data_ptr();
+  p.residual2 = has_c ? c.data_ptr() : nullptr;
+  p.weight = ptr_or_null(weight);
+  p.beta = ptr_or_null(bias);
+  p.y = y.data_ptr();
+  p.h = h.data_ptr();
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.rows = rows;
+  p.hidden = hidden;
+  p.eps = static_cast<float>(eps);
+  p.dropout = row_dropout(dropout_p, seed, offset, op);
+  p.dropout_after_norm = true;
+  p.dtype = dtype;
+  p.stream = current_stream(a);
+  FASTBERT_CHECK_CUDA(fastbert::bdrln_fwd(p), op);
+  return {y, h, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embeddings_layernorm_dropout_bwd_cuda(
+    const at::Tensor& dy_in, const at::Tensor& h_in, const at::Tensor& mean_in, const at::Tensor& rstd_in,
+    const std::optional<at::Tensor>& weight_in, double dropout_p, int64_t seed, int64_t offset) {
+  constexpr const char* op = "embeddings_layernorm_dropout_bwd";
+  TORCH_CHECK(dy_in.is_cuda() && h_in.is_cuda() && dy_in.device() == h_in.device() && h_in.dim() >= 1, op,
+              ": expected CUDA tensors on one device");
+  TORCH_CHECK(dy_in.sizes() == h_in.sizes() && dy_in.scalar_type() == h_in.scalar_type(), op,
+              ": dy and h must match in shape and dtype");
+  const fastbert::DType dtype = float_dtype(h_in, op);
+  const int64_t hidden = h_in.size(-1);
+  TORCH_CHECK(hidden >= 1 && hidden <= fastbert::kBdrlnMaxHidden, op, ": hidden size out of range");
+  const int64_t rows = h_in.numel() / hidden;
+  TORCH_CHECK(mean_in.scalar_type() == at::kFloat && rstd_in.scalar_type() == at::kFloat && mean_in.numel() == rows &&
+                  rstd_in.numel() == rows && mean_in.device() == h_in.device() && rstd_in.device() == h_in.device(),
+              op, ": mean and rstd must be fp32 with one value per row, on h's device");
+  c10::cuda::CUDAGuard guard(h_in.device());
+  const at::Tensor dy = dy_in.contiguous(), h = h_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const at::Tensor weight = feature_param(weight_in, h, op, "weight");
+  const int64_t partials = fastbert::bdrln_bwd_num_partials(rows, hidden, dtype);
+  at::Tensor dh = at::empty_like(h);
+  at::Tensor workspace = at::empty({3, partials, hidden}, h.options().dtype(at::kFloat));
+  at::Tensor dweight = at::empty({hidden}, h.options().dtype(at::kFloat));
+  at::Tensor dbias = at::empty({hidden}, h.options().dtype(at::kFloat));
+  at::Tensor unused = at::empty({hidden}, h.options().dtype(at::kFloat));  // the column sum of dx: no bias here
+  fastbert::BdrlnBwdParams p{};
+  p.dy = dy.data_ptr();
+  p.h = h.data_ptr();
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.weight = ptr_or_null(weight);
+  p.dx = nullptr;
+  p.dresidual = dh.data_ptr();
+  p.partial = workspace.data_ptr<float>();
+  p.dweight = dweight.data_ptr<float>();
+  p.dbeta = dbias.data_ptr<float>();
+  p.dbias = unused.data_ptr<float>();
+  p.rows = rows;
+  p.hidden = hidden;
+  p.dropout = row_dropout(dropout_p, seed, offset, op);
+  p.dropout_after_norm = true;
+  p.dtype = dtype;
+  p.stream = current_stream(h);
+  FASTBERT_CHECK_CUDA(fastbert::bdrln_bwd(p), op);
+  return {dh, dweight, dbias};
 }
 // ---- end bias_gelu, bias_dropout_residual_layernorm ---------------------------------------------
 
@@ -695,6 +798,8 @@ TORCH_LIBRARY_IMPL(fastbert, CUDA, m) {
   m.impl("bias_gelu_bwd", &bias_gelu_bwd_cuda);
   m.impl("bias_dropout_residual_layernorm_fwd", &bias_dropout_residual_layernorm_fwd_cuda);
   m.impl("bias_dropout_residual_layernorm_bwd", &bias_dropout_residual_layernorm_bwd_cuda);
+  m.impl("embeddings_layernorm_dropout_fwd", &embeddings_layernorm_dropout_fwd_cuda);
+  m.impl("embeddings_layernorm_dropout_bwd", &embeddings_layernorm_dropout_bwd_cuda);
   // ---- end bias_gelu, bias_dropout_residual_layernorm ----
 }
 #endif  // FASTBERT_WITH_CUDA

@@ -87,8 +87,9 @@ GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "ta
 
 
 def _fused(op, *tensors):
-    """Whether a fused kernel (bias_gelu, bias_dropout_residual_layernorm) runs for these inputs: the
-    model then calls the dense layer without its bias and the fused op; else the unfused ops, as before."""
+    """Whether a fused kernel (bias_gelu, bias_dropout_residual_layernorm, embeddings_layernorm_dropout)
+    runs for these inputs: the model then calls the dense layer without its bias and the fused op (or
+    the embeddings' fused sum + LayerNorm + dropout); else the unfused ops, as before."""
     return _backend.use_kernel(op, *tensors)
 
 
@@ -107,9 +108,13 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids, position_ids):  # [batch, seq] or packed [tokens]
-        h = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        h = ops.layer_norm(h, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
-                           residual=self.position_embeddings(position_ids).expand_as(h))
+        words, types = self.word_embeddings(input_ids), self.token_type_embeddings(token_type_ids)
+        positions = self.position_embeddings(position_ids).expand_as(words)
+        ln = self.LayerNorm
+        if _fused("embeddings_layernorm_dropout_fwd", words, ln.weight):  # sum, LayerNorm, dropout: one kernel
+            return ops.embeddings_layer_norm_dropout(words, types, positions, ln.weight, ln.bias, ln.eps,
+                                                     self.dropout.p, self.training)
+        h = ops.layer_norm(words + types, ln.weight, ln.bias, ln.eps, residual=positions)
         return self.dropout(h)
 
 

@@ -11,6 +11,11 @@
 //           dbias = sum dx, in fp32, in two stages: each block of the first kernel writes its partial
 //           sums to its own row of a [3, num_partials, hidden] fp32 workspace, a second kernel adds
 //           them up. No atomics.
+//
+// The embeddings' mode (dropout_after_norm, used by the op embeddings_layernorm_dropout):
+//           h = x + residual + residual2 (word + token type + position embeddings), no bias,
+//           y = dropout(LayerNorm(h)); the backward drops out dy first, then runs the LayerNorm
+//           backward (dresidual = dh; dx and dbias are not needed there: dx may be nullptr).
 #pragma once
 #include "common.h"
 #include "row_dropout.h"
@@ -49,6 +54,7 @@ struct BdrlnFwdParams {
   const void* x;          // [rows, hidden], contiguous, dtype: the dense output without its bias
   const float* bias;      // [hidden] fp32, or nullptr (= 0)
   const void* residual;   // [rows, hidden], contiguous, dtype
+  const void* residual2;  // [rows, hidden], contiguous, dtype, added too; or nullptr
   const float* weight;    // [hidden] fp32 LayerNorm weight, or nullptr (= 1)
   const float* beta;      // [hidden] fp32 LayerNorm bias, or nullptr (= 0)
   void* y;                // [rows, hidden], dtype
@@ -59,6 +65,7 @@ struct BdrlnFwdParams {
   int64_t hidden;
   float eps;
   RowDropout dropout;
+  bool dropout_after_norm;  // the embeddings' order: y = dropout(LayerNorm(h))
   DType dtype;
   cudaStream_t stream;
 };
@@ -69,7 +76,7 @@ struct BdrlnBwdParams {
   const float* mean;      // [rows]
   const float* rstd;      // [rows]
   const float* weight;    // [hidden] fp32, or nullptr (= 1)
-  void* dx;               // [rows, hidden], dtype: d x (and d bias before the row sum)
+  void* dx;               // [rows, hidden], dtype: d x (and d bias before the row sum); or nullptr
   void* dresidual;        // [rows, hidden], dtype: d residual (= d h)
   float* partial;         // workspace [3, num_partials, hidden]: dweight, dbeta, dbias partial sums
   float* dweight;         // [hidden] fp32
@@ -78,6 +85,7 @@ struct BdrlnBwdParams {
   int64_t rows;
   int64_t hidden;
   RowDropout dropout;     // the forward's
+  bool dropout_after_norm;  // the forward's
   DType dtype;
   cudaStream_t stream;
 };

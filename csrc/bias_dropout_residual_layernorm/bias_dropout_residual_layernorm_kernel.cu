@@ -70,27 +70,35 @@ __global__ void __launch_bounds__(kMaxThreads, 2) bdrln_fwd_kernel(BdrlnFwdParam
   __shared__ float2 smem[32];
   const int64_t num_packs = p.hidden / VEC;
   const float inv_hidden = 1.f / static_cast<float>(p.hidden);
+  const bool drop_input = p.dropout.enabled && !p.dropout_after_norm;
+  const bool drop_output = p.dropout.enabled && p.dropout_after_norm;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const P* x = reinterpret_cast<const P*>(p.x) + row * num_packs;
     const P* r = reinterpret_cast<const P*>(p.residual) + row * num_packs;
+    const P* r2 = p.residual2 ? reinterpret_cast<const P*>(p.residual2) + row * num_packs : nullptr;
     P* hout = reinterpret_cast<P*>(p.h) + row * num_packs;
     float h[NV][VEC];
+    uint32_t keep[NV];
     float total = 0.f;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
       const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
       if (i < num_packs) {
         const P a = x[i], res = r[i];
+        P res2;
+        if (r2) res2 = r2[i];
         float b[VEC];
         load_param<VEC>(p.bias, i * VEC, 0.f, b);
-        const uint32_t keep = row_dropout_keep_bits<VEC>(p.dropout, row, i * VEC);
+        keep[k] = row_dropout_keep_bits<VEC>(p.dropout, row, i * VEC);
         P s;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           float v = to_float(a.v[j]) + b[j];
-          v = (keep >> j) & 1u ? (p.dropout.enabled ? v * p.dropout.keep_scale : v) : 0.f;
-          s.v[j] = from_float<T>(v + to_float(res.v[j]));  // rounded as `dropout(x + b) + residual` is
-          h[k][j] = to_float(s.v[j]);                       // and normalized as such
+          if (drop_input) v = (keep[k] >> j) & 1u ? v * p.dropout.keep_scale : 0.f;
+          v += to_float(res.v[j]);
+          if (r2) v += to_float(res2.v[j]);
+          s.v[j] = from_float<T>(v);  // rounded as `dropout(x + b) + residual` is
+          h[k][j] = to_float(s.v[j]);  // and normalized as such
           total += h[k][j];
         }
         hout[i] = s;
@@ -117,7 +125,11 @@ __global__ void __launch_bounds__(kMaxThreads, 2) bdrln_fwd_kernel(BdrlnFwdParam
         load_param<VEC>(p.beta, i * VEC, 0.f, be);
         P out;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) out.v[j] = from_float<T>((h[k][j] - mean) * rstd * w[j] + be[j]);
+        for (int j = 0; j < VEC; ++j) {
+          float v = (h[k][j] - mean) * rstd * w[j] + be[j];
+          if (drop_output) v = (keep[k] >> j) & 1u ? v * p.dropout.keep_scale : 0.f;
+          out.v[j] = from_float<T>(v);
+        }
         y[i] = out;
       }
     }
@@ -142,11 +154,14 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks(VEC, NV)) bdrln_bwd_ke
 #pragma unroll
     for (int j = 0; j < VEC; ++j) dw[k][j] = dbeta[k][j] = dbias[k][j] = 0.f;
 
+  const bool drop_input = p.dropout.enabled && !p.dropout_after_norm;
+  const bool drop_output = p.dropout.enabled && p.dropout_after_norm;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const P* h = reinterpret_cast<const P*>(p.h) + row * num_packs;
     const P* dy = reinterpret_cast<const P*>(p.dy) + row * num_packs;
     const float mean = p.mean[row], rstd = p.rstd[row];
     float xhat[NV][VEC], wdy[NV][VEC];
+    uint32_t keep[NV];
     float2 acc = make_float2(0.f, 0.f);  // sum(w*dy), sum(w*dy*xhat)
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
@@ -155,9 +170,11 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks(VEC, NV)) bdrln_bwd_ke
         const P a = h[i], g = dy[i];
         float w[VEC];
         load_param<VEC>(p.weight, i * VEC, 1.f, w);
+        keep[k] = row_dropout_keep_bits<VEC>(p.dropout, row, i * VEC);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float d = to_float(g.v[j]);
+          float d = to_float(g.v[j]);
+          if (drop_output) d = (keep[k] >> j) & 1u ? d * p.dropout.keep_scale : 0.f;  // through the output's dropout
           xhat[k][j] = (to_float(a.v[j]) - mean) * rstd;
           wdy[k][j] = w[j] * d;
           dw[k][j] += d * xhat[k][j];
@@ -170,23 +187,22 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks(VEC, NV)) bdrln_bwd_ke
     acc = block_sum(acc, smem);
     const float c1 = acc.x * inv_hidden, c2 = acc.y * inv_hidden;
     P* dres = reinterpret_cast<P*>(p.dresidual) + row * num_packs;
-    P* dx = reinterpret_cast<P*>(p.dx) + row * num_packs;
+    P* dx = p.dx ? reinterpret_cast<P*>(p.dx) + row * num_packs : nullptr;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
       const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
       if (i < num_packs) {
-        const uint32_t keep = row_dropout_keep_bits<VEC>(p.dropout, row, i * VEC);
         P o_res, o_x;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const float dh = (wdy[k][j] - c1 - xhat[k][j] * c2) * rstd;
-          const float d = (keep >> j) & 1u ? (p.dropout.enabled ? dh * p.dropout.keep_scale : dh) : 0.f;
+          const float d = drop_input ? ((keep[k] >> j) & 1u ? dh * p.dropout.keep_scale : 0.f) : dh;
           dbias[k][j] += d;
           o_res.v[j] = from_float<T>(dh);
           o_x.v[j] = from_float<T>(d);
         }
         dres[i] = o_res;
-        dx[i] = o_x;
+        if (p.dx) dx[i] = o_x;
       }
     }
   }
@@ -297,8 +313,8 @@ int64_t bdrln_bwd_num_partials(int64_t rows, int64_t hidden, DType dtype) {
 cudaError_t bdrln_fwd(const BdrlnFwdParams& p) {
   if (p.hidden < 1 || p.hidden > kBdrlnMaxHidden) return cudaErrorInvalidValue;
   if (p.rows == 0) return cudaSuccess;
-  const bool aligned = aligned16(p.x) && aligned16(p.residual) && aligned16(p.y) && aligned16(p.h) &&
-                       aligned16(p.bias) && aligned16(p.weight) && aligned16(p.beta);
+  const bool aligned = aligned16(p.x) && aligned16(p.residual) && aligned16(p.residual2) && aligned16(p.y) &&
+                       aligned16(p.h) && aligned16(p.bias) && aligned16(p.weight) && aligned16(p.beta);
   const BdrlnConfig c = bdrln_config(p.hidden, p.dtype, aligned);
   const int grid = static_cast<int>(p.rows < (1 << 20) ? p.rows : (1 << 20));
   switch (p.dtype) {

@@ -177,21 +177,22 @@ int64_t emu_bdrln_bwd_num_partials(int64_t rows, int64_t hidden, int dtype) {
 }
 
 // dropout_p as the binding gets it; the rule of csrc/row_dropout.h turns it into the threshold.
-int emu_bdrln_fwd(const void* x, const float* bias, const void* residual, const float* weight, const float* beta,
-                  void* y, void* h, float* mean, float* rstd, int64_t rows, int64_t hidden, float eps,
-                  double dropout_p, uint64_t seed, uint32_t offset, int dtype) {
-  fastbert::BdrlnFwdParams p{x, bias, residual, weight, beta, y, h, mean, rstd, rows, hidden, eps,
-                             fastbert::make_row_dropout(dropout_p, seed, offset), static_cast<fastbert::DType>(dtype),
-                             nullptr};
+// residual2 and after_norm (the embeddings' mode): nullptr and 0 for bias_dropout_residual_layernorm.
+int emu_bdrln_fwd(const void* x, const float* bias, const void* residual, const void* residual2, const float* weight,
+                  const float* beta, void* y, void* h, float* mean, float* rstd, int64_t rows, int64_t hidden,
+                  float eps, double dropout_p, uint64_t seed, uint32_t offset, int after_norm, int dtype) {
+  fastbert::BdrlnFwdParams p{x, bias, residual, residual2, weight, beta, y, h, mean, rstd, rows, hidden, eps,
+                             fastbert::make_row_dropout(dropout_p, seed, offset), after_norm != 0,
+                             static_cast<fastbert::DType>(dtype), nullptr};
   return guarded([&] { return fastbert::bdrln_fwd(p); });
 }
 
 int emu_bdrln_bwd(const void* dy, const void* h, const float* mean, const float* rstd, const float* weight, void* dx,
                   void* dresidual, float* partial, float* dweight, float* dbeta, float* dbias, int64_t rows,
-                  int64_t hidden, double dropout_p, uint64_t seed, uint32_t offset, int dtype) {
+                  int64_t hidden, double dropout_p, uint64_t seed, uint32_t offset, int after_norm, int dtype) {
   fastbert::BdrlnBwdParams p{dy, h, mean, rstd, weight, dx, dresidual, partial, dweight, dbeta, dbias, rows, hidden,
-                             fastbert::make_row_dropout(dropout_p, seed, offset), static_cast<fastbert::DType>(dtype),
-                             nullptr};
+                             fastbert::make_row_dropout(dropout_p, seed, offset), after_norm != 0,
+                             static_cast<fastbert::DType>(dtype), nullptr};
   return guarded([&] { return fastbert::bdrln_bwd(p); });
 }
 

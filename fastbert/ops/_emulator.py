@@ -60,8 +60,10 @@ _SIGNATURES = {
     "emu_bias_gelu_fwd": [_P, _P, _P, _I64, _I64, _I32, _I32],
     "emu_bias_gelu_bwd": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32],
     "emu_bdrln_bwd_num_partials": [_I64, _I64, _I32],
-    "emu_bdrln_fwd": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _F32, ctypes.c_double, _U64, _U32, _I32],
-    "emu_bdrln_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, ctypes.c_double, _U64, _U32, _I32],
+    "emu_bdrln_fwd": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _F32, ctypes.c_double, _U64, _U32, _I32,
+                      _I32],
+    "emu_bdrln_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, ctypes.c_double, _U64, _U32, _I32,
+                      _I32],
     "emu_configure": [_I32, _U64, _I32],
     "emu_last_error_message": [],
     "emu_selftest": [_I32, _P, _P, _P],
@@ -448,8 +450,9 @@ def bias_dropout_residual_layernorm_fwd(x, bias, residual, weight, ln_bias, eps,
     rows = x.numel() // hidden if hidden else 0
     y, h = torch.empty_like(x), torch.empty_like(x)
     mean, rstd = torch.empty(rows), torch.empty(rows)
-    _call(op, "emu_bdrln_fwd", _ptr(x), _ptr(bias), _ptr(residual), _ptr(weight), _ptr(ln_bias), _ptr(y), _ptr(h),
-          _ptr(mean), _ptr(rstd), rows, hidden, float(eps), *_row_dropout(dropout_p, seed, offset, op), dtype)
+    _call(op, "emu_bdrln_fwd", _ptr(x), _ptr(bias), _ptr(residual), None, _ptr(weight), _ptr(ln_bias), _ptr(y),
+          _ptr(h), _ptr(mean), _ptr(rstd), rows, hidden, float(eps), *_row_dropout(dropout_p, seed, offset, op), 0,
+          dtype)
     return y, h, mean, rstd
 
 
@@ -470,5 +473,49 @@ def bias_dropout_residual_layernorm_bwd(dy, h, mean, rstd, weight, dropout_p, se
         dweight, dln_bias, dbias = torch.empty(hidden), torch.empty(hidden), torch.empty(hidden)
         _call(op, "emu_bdrln_bwd", _ptr(dy), _ptr(h), _ptr(mean), _ptr(rstd), _ptr(weight), _ptr(dx),
               _ptr(dresidual), _ptr(workspace), _ptr(dweight), _ptr(dln_bias), _ptr(dbias), rows, hidden,
-              *_row_dropout(dropout_p, seed, offset, op), dtype)
+              *_row_dropout(dropout_p, seed, offset, op), 0, dtype)
     return dx, dresidual, dweight, dln_bias, dbias
+
+
+# ----------------------------------------------------------------------------- embeddings_layernorm_dropout
+# The embeddings' mode of the bias_dropout_residual_layernorm kernels (csrc/bindings.cpp does the same).
+
+
+def embeddings_layernorm_dropout_fwd(a, b, c, weight, bias, eps, dropout_p, seed, offset):
+    op = "embeddings_layernorm_dropout_fwd"
+    _check_cpu(op, a, b, c, weight, bias)
+    dtype = _dtype(a, op)
+    for t in (b, c):
+        if t is not None and (t.shape != a.shape or t.dtype != a.dtype):
+            raise ValueError(f"{op}: b and c must match a in shape and dtype")
+    hidden = a.shape[-1]
+    a, b = a.contiguous(), b.contiguous()
+    c = c.contiguous() if c is not None else None
+    weight, bias = _fp32_param(weight, hidden, "weight"), _fp32_param(bias, hidden, "bias")
+    rows = a.numel() // hidden if hidden else 0
+    y, h = torch.empty_like(a), torch.empty_like(a)
+    mean, rstd = torch.empty(rows), torch.empty(rows)
+    _call(op, "emu_bdrln_fwd", _ptr(a), None, _ptr(b), _ptr(c), _ptr(weight), _ptr(bias), _ptr(y), _ptr(h),
+          _ptr(mean), _ptr(rstd), rows, hidden, float(eps), *_row_dropout(dropout_p, seed, offset, op), 1, dtype)
+    return y, h, mean, rstd
+
+
+def embeddings_layernorm_dropout_bwd(dy, h, mean, rstd, weight, dropout_p, seed, offset):
+    op = "embeddings_layernorm_dropout_bwd"
+    _check_cpu(op, dy, h, mean, rstd, weight)
+    if dy.shape != h.shape or dy.dtype != h.dtype:
+        raise ValueError(f"{op}: dy and h must match in shape and dtype")
+    dtype = _dtype(h, op)
+    hidden = h.shape[-1]
+    rows = h.numel() // hidden
+    dy, h, mean, rstd = dy.contiguous(), h.contiguous(), mean.contiguous(), rstd.contiguous()
+    weight = _fp32_param(weight, hidden, "weight")
+    with _lock:
+        partials = _num_partials("emu_bdrln_bwd_num_partials", rows, hidden, dtype)
+        dh = torch.empty_like(h)
+        workspace = torch.empty((3, partials, hidden))
+        dweight, dbias, unused = torch.empty(hidden), torch.empty(hidden), torch.empty(hidden)
+        _call(op, "emu_bdrln_bwd", _ptr(dy), _ptr(h), _ptr(mean), _ptr(rstd), _ptr(weight), None, _ptr(dh),
+              _ptr(workspace), _ptr(dweight), _ptr(dbias), _ptr(unused), rows, hidden,
+              *_row_dropout(dropout_p, seed, offset, op), 1, dtype)
+    return dh, dweight, dbias
