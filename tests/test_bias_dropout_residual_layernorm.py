@@ -96,7 +96,8 @@ def test_public_function_training_drops_out(seed):
 def test_opcheck_cpu(seed, dtype, dropout_p):
     x, bias, residual, weight, ln_bias = (t.requires_grad_() for t in _inputs(15, 24, dtype, contiguous=True))
     x, residual = x.view(3, 5, 24), residual.view(3, 5, 24)
-    fwd, bwd = torch.ops.fastbert.bias_dropout_residual_layernorm_fwd, torch.ops.fastbert.bias_dropout_residual_layernorm_bwd
+    fwd = torch.ops.fastbert.bias_dropout_residual_layernorm_fwd
+    bwd = torch.ops.fastbert.bias_dropout_residual_layernorm_bwd
     opcheck(fwd.default, (x, bias, residual, weight, ln_bias, 1e-5, dropout_p, 11, 3))
     opcheck(fwd.default, (x, None, residual, None, None, 1e-5, dropout_p, 11, 3))
     y, h, mean, rstd = fwd(x, bias, residual, weight, ln_bias, 1e-5, dropout_p, 11, 3)
@@ -126,7 +127,8 @@ def _bad(**change):
 
 @pytest.mark.parametrize("bad, exc, match", [
     (_bad(x=lambda a: a["x"].long()), TypeError, "x must have dtype"),
-    (_bad(residual=lambda a: a["residual"][:, :3]), ValueError, r"residual has shape \(4, 3\); expected the shape of x"),
+    (_bad(residual=lambda a: a["residual"][:, :3]), ValueError,
+     r"residual has shape \(4, 3\); expected the shape of x"),
     (_bad(bias=lambda a: a["bias"][:-1]), ValueError, r"bias has shape \(49,\); expected \(50,\)"),
     (_bad(ln_bias=lambda a: a["ln_bias"][None]), ValueError, r"ln_bias has shape \(1, 50\); expected \(50,\)"),
     (_bad(weight=lambda a: a["weight"].tolist()), TypeError, "weight must be a torch.Tensor"),

@@ -16,7 +16,7 @@ from emulation import ORDERS, emulated, needs_emulator
 
 bg = importlib.import_module("fastbert.ops.bias_gelu")
 needs_ext = pytest.mark.skipif(not _backend.has_op("bias_gelu_fwd"),
-                               reason="fastbert._C lacks torch.ops.fastbert.bias_gelu_fwd (not built, or built before it)")
+                               reason="fastbert._C lacks torch.ops.fastbert.bias_gelu_fwd (not built, or older)")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -28,7 +28,8 @@ NAMES = ("y", "da", "db", "dc", "dweight", "dbias")
 def _inputs(rows, hidden, dtype, contiguous=False):
     a = torch.randn(rows, hidden + 3, dtype=dtype)
     a = a[:, :hidden].contiguous() if contiguous else a[:, 1:hidden + 1]  # a non-contiguous view by default
-    b, c = torch.randn(rows, hidden, dtype=dtype), torch.randn(1, hidden, dtype=dtype).expand(rows, hidden)  # c: as positions
+    b = torch.randn(rows, hidden, dtype=dtype)
+    c = torch.randn(1, hidden, dtype=dtype).expand(rows, hidden)  # stride 0 over rows, as the positions
     return a, b, c, 1 + 0.5 * torch.randn(hidden, dtype=dtype), torch.randn(hidden, dtype=dtype)
 
 

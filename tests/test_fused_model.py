@@ -18,7 +18,8 @@ pytestmark = [needs_emulator, pytest.mark.skipif(
     reason="fastbert._C lacks the fused ops (not built, or built before them)")]
 
 COUNTED = ["bias_gelu_fwd", "bias_gelu_bwd", "bias_dropout_residual_layernorm_fwd",
-           "bias_dropout_residual_layernorm_bwd", "embeddings_layernorm_dropout_fwd", "embeddings_layernorm_dropout_bwd",
+           "bias_dropout_residual_layernorm_bwd", "embeddings_layernorm_dropout_fwd",
+           "embeddings_layernorm_dropout_bwd",
            "layernorm_fwd", "cross_entropy_fwd", "attention_varlen_fwd"]
 
 

@@ -19,9 +19,7 @@ import torch.nn.functional as F
 
 from fastbert import _backend, _validate
 
-APPROXIMATE = ("none", "tanh")
-# hidden_act values of a BertConfig this op computes, and its `approximate` for each.
-HIDDEN_ACTS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+APPROXIMATE = ("none", "tanh")  # the model maps a config's hidden_act onto these (model.GELU_APPROXIMATE)
 
 # ----------------------------------------------------------------------------- twins
 
