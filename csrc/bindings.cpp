@@ -20,6 +20,8 @@
 #include "layernorm/layernorm.h"          // layernorm
 #include "cross_entropy/cross_entropy.h"  // cross_entropy
 #include "attention/attention.h"  // attention
+#include "bias_gelu/bias_gelu.h"  // bias_gelu
+#include "bias_dropout_residual_layernorm/bias_dropout_residual_layernorm.h"  // bias_dropout_residual_layernorm
 #endif
 
 // `import fastbert._C` loads this library, which registers the ops below in torch.ops.fastbert.
@@ -98,6 +100,33 @@ TORCH_LIBRARY(fastbert, m) {
   // The same, written over the logits (no second [rows, classes] buffer); eager use only.
   m.def("cross_entropy_bwd_(Tensor grad_loss, Tensor(a!) logits, Tensor labels, Tensor lse, int ignore_index) -> ()");
   // ---- end cross_entropy ----
+  // ---- bias_gelu (csrc/bias_gelu/): y = gelu(x + bias) after the intermediate matmul ----
+  // approximate: "none" (erf, BERT's "gelu") or "tanh" ("gelu_new", "gelu_pytorch_tanh"), as F.gelu.
+  m.def("bias_gelu_fwd(Tensor x, Tensor bias, str approximate) -> Tensor");
+  // dx = dy * gelu'(x + bias) in x's dtype; dbias = sum over rows of dx, fp32 [cols].
+  m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor bias, str approximate) -> (Tensor dx, Tensor dbias)");
+  // ---- end bias_gelu ----
+  // ---- bias_dropout_residual_layernorm (csrc/bias_dropout_residual_layernorm/) ----
+  // h = dropout(x + bias) + residual (Philox(seed, offset), csrc/row_dropout.h), y = LayerNorm(h);
+  // h in x's dtype, mean and rstd fp32 [rows].
+  m.def("bias_dropout_residual_layernorm_fwd(Tensor x, Tensor? bias, Tensor residual, Tensor? weight, "
+        "Tensor? ln_bias, float eps, float dropout_p, int seed, int offset) "
+        "-> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
+  // From the forward's h, mean, rstd and dropout: dx, dresidual in h's dtype; dweight, dln_bias,
+  // dbias fp32 [hidden].
+  m.def("bias_dropout_residual_layernorm_bwd(Tensor dy, Tensor h, Tensor mean, Tensor rstd, Tensor? weight, "
+        "float dropout_p, int seed, int offset) "
+        "-> (Tensor dx, Tensor dresidual, Tensor dweight, Tensor dln_bias, Tensor dbias)");
+  // ---- end bias_dropout_residual_layernorm ----
+  // ---- embeddings_layernorm_dropout (a mode of csrc/bias_dropout_residual_layernorm/) ----
+  // h = a + b (+ c), y = dropout(LayerNorm(h)) (Philox(seed, offset), csrc/row_dropout.h): the
+  // embeddings' word + token type + position sum, norm and dropout. h in a's dtype, mean/rstd fp32.
+  m.def("embeddings_layernorm_dropout_fwd(Tensor a, Tensor b, Tensor? c, Tensor? weight, Tensor? bias, float eps, "
+        "float dropout_p, int seed, int offset) -> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
+  // dh (the gradient of each of a, b, c) in h's dtype; dweight, dbias fp32 [hidden].
+  m.def("embeddings_layernorm_dropout_bwd(Tensor dy, Tensor h, Tensor mean, Tensor rstd, Tensor? weight, "
+        "float dropout_p, int seed, int offset) -> (Tensor dh, Tensor dweight, Tensor dbias)");
+  // ---- end embeddings_layernorm_dropout ----
 }
 
 #ifdef FASTBERT_WITH_CUDA
@@ -497,6 +526,262 @@ void cross_entropy_bwd_inplace_cuda(const at::Tensor& grad_loss, const at::Tenso
 }
 // ---- end layernorm, cross_entropy -----------------------------------------------------------
 
+// ---- bias_gelu, bias_dropout_residual_layernorm -------------------------------------------------
+// A per-feature parameter of `op` as a contiguous fp32 tensor on x's device (undefined if absent).
+at::Tensor feature_param(const std::optional<at::Tensor>& p, const at::Tensor& x, const char* op, const char* what) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  TORCH_CHECK(p->device() == x.device(), op, ": ", what, " is on ", p->device(), ", x on ", x.device());
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(-1), op, ": ", what, " must have shape [", x.size(-1),
+              "], got ", p->sizes());
+  return p->to(at::kFloat).contiguous();
+}
+
+fastbert::GeluKind gelu_kind(c10::string_view approximate, const char* op) {
+  if (approximate == "none") return fastbert::GeluKind::kErf;
+  TORCH_CHECK(approximate == "tanh", op, ": approximate must be 'none' or 'tanh', got '", std::string(approximate), "'");
+  return fastbert::GeluKind::kTanh;
+}
+
+at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x_in, const at::Tensor& bias_in, c10::string_view approximate) {
+  TORCH_CHECK(x_in.is_cuda() && x_in.dim() >= 1 && x_in.size(-1) >= 1,
+              "bias_gelu_fwd: x must be a CUDA tensor with a non-empty last dimension");
+  const fastbert::GeluKind kind = gelu_kind(approximate, "bias_gelu_fwd");
+  const fastbert::DType dtype = float_dtype(x_in, "bias_gelu_fwd");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor bias = feature_param(bias_in, x, "bias_gelu_fwd", "bias");
+  at::Tensor y = at::empty_like(x);
+  fastbert::BiasGeluFwdParams p{};
+  p.x = x.data_ptr();
+  p.bias = bias.data_ptr<float>();
+  p.y = y.data_ptr();
+  p.cols = x.size(-1);
+  p.rows = x.numel() / p.cols;
+  p.kind = kind;
+  p.dtype = dtype;
+  p.stream = current_stream(x);
+  FASTBERT_CHECK_CUDA(fastbert::bias_gelu_fwd(p), "bias_gelu_fwd");
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                                      const at::Tensor& bias_in, c10::string_view approximate) {
+  TORCH_CHECK(dy_in.is_cuda() && x_in.is_cuda() && dy_in.device() == x_in.device(),
+              "bias_gelu_bwd: expected CUDA tensors on one device");
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes() && dy_in.scalar_type() == x_in.scalar_type() && x_in.dim() >= 1 &&
+                  x_in.size(-1) >= 1, "bias_gelu_bwd: dy and x must match in shape and dtype");
+  const fastbert::GeluKind kind = gelu_kind(approximate, "bias_gelu_bwd");
+  const fastbert::DType dtype = float_dtype(x_in, "bias_gelu_bwd");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), dy = dy_in.contiguous();
+  const at::Tensor bias = feature_param(bias_in, x, "bias_gelu_bwd", "bias");
+  const int64_t cols = x.size(-1), rows = x.numel() / cols;
+  const int64_t partials = fastbert::bias_gelu_bwd_num_partials(rows, cols, dtype);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor workspace = at::empty({partials, cols}, x.options().dtype(at::kFloat));
+  at::Tensor dbias = at::empty({cols}, x.options().dtype(at::kFloat));
+  fastbert::BiasGeluBwdParams p{};
+  p.dy = dy.data_ptr();
+  p.x = x.data_ptr();
+  p.bias = bias.data_ptr<float>();
+  p.dx = dx.data_ptr();
+  p.partial = workspace.data_ptr<float>();
+  p.dbias = dbias.data_ptr<float>();
+  p.rows = rows;
+  p.cols = cols;
+  p.kind = kind;
+  p.dtype = dtype;
+  p.stream = current_stream(x);
+  FASTBERT_CHECK_CUDA(fastbert::bias_gelu_bwd(p), "bias_gelu_bwd");
+  return {dx, dbias};
+}
+
+fastbert::RowDropout row_dropout(double dropout_p, int64_t seed, int64_t offset, const char* op) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  return fastbert::make_row_dropout(dropout_p, static_cast<uint64_t>(seed), static_cast<uint32_t>(offset));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_dropout_residual_layernorm_fwd_cuda(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in, const at::Tensor& residual_in,
+    const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& ln_bias_in, double eps,
+    double dropout_p, int64_t seed, int64_t offset) {
+  constexpr const char* op = "bias_dropout_residual_layernorm_fwd";
+  TORCH_CHECK(x_in.is_cuda() && x_in.dim() >= 1, op, ": x must be a CUDA tensor with at least 1 dim");
+  TORCH_CHECK(residual_in.sizes() == x_in.sizes() && residual_in.scalar_type() == x_in.scalar_type() &&
+                  residual_in.device() == x_in.device(), op, ": residual must match x in shape, dtype and device");
+  const fastbert::DType dtype = float_dtype(x_in, op);
+  const int64_t hidden = x_in.size(-1);
+  TORCH_CHECK(hidden >= 1 && hidden <= fastbert::kBdrlnMaxHidden, op, ": hidden size ", hidden, " outside [1, ",
+              fastbert::kBdrlnMaxHidden, "]");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), residual = residual_in.contiguous();
+  const at::Tensor bias = feature_param(bias_in, x, op, "bias"), weight = feature_param(weight_in, x, op, "weight"),
+                   ln_bias = feature_param(ln_bias_in, x, op, "ln_bias");
+  const int64_t rows = x.numel() / hidden;
+  at::Tensor y = at::empty_like(x), h = at::empty_like(x);
+  at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  fastbert::BdrlnFwdParams p{};
+  p.x = x.data_ptr();
+  p.bias = ptr_or_null(bias);
+  p.residual = residual.data_ptr();
+  p.residual2 = nullptr;
+  p.weight = ptr_or_null(weight);
+  p.beta = ptr_or_null(ln_bias);
+  p.y = y.data_ptr();
+  p.h = h.data_ptr();
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.rows = rows;
+  p.hidden = hidden;
+  p.eps = static_cast<float>(eps);
+  p.dropout = row_dropout(dropout_p, seed, offset, op);
+  p.dropout_after_norm = false;
+  p.dtype = dtype;
+  p.stream = current_stream(x);
+  FASTBERT_CHECK_CUDA(fastbert::bdrln_fwd(p), op);
+  return {y, h, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_dropout_residual_layernorm_bwd_cuda(
+    const at::Tensor& dy_in, const at::Tensor& h_in, const at::Tensor& mean_in, const at::Tensor& rstd_in,
+    const std::optional<at::Tensor>& weight_in, double dropout_p, int64_t seed, int64_t offset) {
+  constexpr const char* op = "bias_dropout_residual_layernorm_bwd";
+  TORCH_CHECK(dy_in.is_cuda() && h_in.is_cuda() && dy_in.device() == h_in.device() && h_in.dim() >= 1, op,
+              ": expected CUDA tensors on one device");
+  TORCH_CHECK(dy_in.sizes() == h_in.sizes() && dy_in.scalar_type() == h_in.scalar_type(), op,
+              ": dy and h must match in shape and dtype");
+  const fastbert::DType dtype = float_dtype(h_in, op);
+  const int64_t hidden = h_in.size(-1);
+  TORCH_CHECK(hidden >= 1 && hidden <= fastbert::kBdrlnMaxHidden, op, ": hidden size out of range");
+  const int64_t rows = h_in.numel() / hidden;
+  TORCH_CHECK(mean_in.scalar_type() == at::kFloat && rstd_in.scalar_type() == at::kFloat && mean_in.numel() == rows &&
+                  rstd_in.numel() == rows && mean_in.device() == h_in.device() && rstd_in.device() == h_in.device(),
+              op, ": mean and rstd must be fp32 with one value per row, on h's device");
+  c10::cuda::CUDAGuard guard(h_in.device());
+  const at::Tensor dy = dy_in.contiguous(), h = h_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const at::Tensor weight = feature_param(weight_in, h, op, "weight");
+  const int64_t partials = fastbert::bdrln_bwd_num_partials(rows, hidden, dtype);
+  at::Tensor dx = at::empty_like(h), dresidual = at::empty_like(h);
+  at::Tensor workspace = at::empty({3, partials, hidden}, h.options().dtype(at::kFloat));
+  at::Tensor dweight = at::empty({hidden}, h.options().dtype(at::kFloat));
+  at::Tensor dln_bias = at::empty({hidden}, h.options().dtype(at::kFloat));
+  at::Tensor dbias = at::empty({hidden}, h.options().dtype(at::kFloat));
+  fastbert::BdrlnBwdParams p{};
+  p.dy = dy.data_ptr();
+  p.h = h.data_ptr();
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.weight = ptr_or_null(weight);
+  p.dx = dx.data_ptr();
+  p.dresidual = dresidual.data_ptr();
+  p.partial = workspace.data_ptr<float>();
+  p.dweight = dweight.data_ptr<float>();
+  p.dbeta = dln_bias.data_ptr<float>();
+  p.dbias = dbias.data_ptr<float>();
+  p.rows = rows;
+  p.hidden = hidden;
+  p.dropout = row_dropout(dropout_p, seed, offset, op);
+  p.dropout_after_norm = false;
+  p.dtype = dtype;
+  p.stream = current_stream(h);
+  FASTBERT_CHECK_CUDA(fastbert::bdrln_bwd(p), op);
+  return {dx, dresidual, dweight, dln_bias, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embeddings_layernorm_dropout_fwd_cuda(
+    const at::Tensor& a_in, const at::Tensor& b_in, const std::optional<at::Tensor>& c_in,
+    const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in, double eps,
+    double dropout_p, int64_t seed, int64_t offset) {
+  constexpr const char* op = "embeddings_layernorm_dropout_fwd";
+  TORCH_CHECK(a_in.is_cuda() && a_in.dim() >= 1, op, ": a must be a CUDA tensor with at least 1 dim");
+  const bool has_c = c_in.has_value() && c_in->defined();
+  for (const at::Tensor* t : {&b_in, has_c ? &*c_in : &b_in})
+    TORCH_CHECK(t->sizes() == a_in.sizes() && t->scalar_type() == a_in.scalar_type() && t->device() == a_in.device(),
+                op, ": b and c must match a in shape, dtype and device");
+  const fastbert::DType dtype = float_dtype(a_in, op);
+  const int64_t hidden = a_in.size(-1);
+  TORCH_CHECK(hidden >= 1 && hidden <= fastbert::kBdrlnMaxHidden, op, ": hidden size ", hidden, " outside [1, ",
+              fastbert::kBdrlnMaxHidden, "]");
+  c10::cuda::CUDAGuard guard(a_in.device());
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor c = has_c ? c_in->contiguous() : at::Tensor();
+  const at::Tensor weight = feature_param(weight_in, a, op, "weight"), bias = feature_param(bias_in, a, op, "bias");
+  const int64_t rows = a.numel() / hidden;
+  at::Tensor y = at::empty_like(a), h = at::empty_like(a);
+  at::Tensor mean = at::empty({rows}, a.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, a.options().dtype(at::kFloat));
+  fastbert::BdrlnFwdParams p{};
+  p.x = a.data_ptr();
+  p.bias = nullptr;
+  p.residual = b.data_ptr();
+  p.residual2 = has_c ? c.data_ptr() : nullptr;
+  p.weight = ptr_or_null(weight);
+  p.beta = ptr_or_null(bias);
+  p.y = y.data_ptr();
+  p.h = h.data_ptr();
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.rows = rows;
+  p.hidden = hidden;
+  p.eps = static_cast<float>(eps);
+  p.dropout = row_dropout(dropout_p, seed, offset, op);
+  p.dropout_after_norm = true;
+  p.dtype = dtype;
+  p.stream = current_stream(a);
+  FASTBERT_CHECK_CUDA(fastbert::bdrln_fwd(p), op);
+  return {y, h, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embeddings_layernorm_dropout_bwd_cuda(
+    const at::Tensor& dy_in, const at::Tensor& h_in, const at::Tensor& mean_in, const at::Tensor& rstd_in,
+    const std::optional<at::Tensor>& weight_in, double dropout_p, int64_t seed, int64_t offset) {
+  constexpr const char* op = "embeddings_layernorm_dropout_bwd";
+  TORCH_CHECK(dy_in.is_cuda() && h_in.is_cuda() && dy_in.device() == h_in.device() && h_in.dim() >= 1, op,
+              ": expected CUDA tensors on one device");
+  TORCH_CHECK(dy_in.sizes() == h_in.sizes() && dy_in.scalar_type() == h_in.scalar_type(), op,
+              ": dy and h must match in shape and dtype");
+  const fastbert::DType dtype = float_dtype(h_in, op);
+  const int64_t hidden = h_in.size(-1);
+  TORCH_CHECK(hidden >= 1 && hidden <= fastbert::kBdrlnMaxHidden, op, ": hidden size out of range");
+  const int64_t rows = h_in.numel() / hidden;
+  TORCH_CHECK(mean_in.scalar_type() == at::kFloat && rstd_in.scalar_type() == at::kFloat && mean_in.numel() == rows &&
+                  rstd_in.numel() == rows && mean_in.device() == h_in.device() && rstd_in.device() == h_in.device(),
+              op, ": mean and rstd must be fp32 with one value per row, on h's device");
+  c10::cuda::CUDAGuard guard(h_in.device());
+  const at::Tensor dy = dy_in.contiguous(), h = h_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const at::Tensor weight = feature_param(weight_in, h, op, "weight");
+  const int64_t partials = fastbert::bdrln_bwd_num_partials(rows, hidden, dtype);
+  at::Tensor dh = at::empty_like(h);
+  at::Tensor workspace = at::empty({3, partials, hidden}, h.options().dtype(at::kFloat));
+  at::Tensor dweight = at::empty({hidden}, h.options().dtype(at::kFloat));
+  at::Tensor dbias = at::empty({hidden}, h.options().dtype(at::kFloat));
+  at::Tensor unused = at::empty({hidden}, h.options().dtype(at::kFloat));  // the column sum of dx: no bias here
+  fastbert::BdrlnBwdParams p{};
+  p.dy = dy.data_ptr();
+  p.h = h.data_ptr();
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.weight = ptr_or_null(weight);
+  p.dx = nullptr;
+  p.dresidual = dh.data_ptr();
+  p.partial = workspace.data_ptr<float>();
+  p.dweight = dweight.data_ptr<float>();
+  p.dbeta = dbias.data_ptr<float>();
+  p.dbias = unused.data_ptr<float>();
+  p.rows = rows;
+  p.hidden = hidden;
+  p.dropout = row_dropout(dropout_p, seed, offset, op);
+  p.dropout_after_norm = true;
+  p.dtype = dtype;
+  p.stream = current_stream(h);
+  FASTBERT_CHECK_CUDA(fastbert::bdrln_bwd(p), op);
+  return {dh, dweight, dbias};
+}
+// ---- end bias_gelu, bias_dropout_residual_layernorm ---------------------------------------------
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastbert, CUDA, m) {
@@ -514,5 +799,13 @@ TORCH_LIBRARY_IMPL(fastbert, CUDA, m) {
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
   m.impl("cross_entropy_bwd_", &cross_entropy_bwd_inplace_cuda);
   // ---- end layernorm, cross_entropy ----
+  // ---- bias_gelu, bias_dropout_residual_layernorm ----
+  m.impl("bias_gelu_fwd", &bias_gelu_fwd_cuda);
+  m.impl("bias_gelu_bwd", &bias_gelu_bwd_cuda);
+  m.impl("bias_dropout_residual_layernorm_fwd", &bias_dropout_residual_layernorm_fwd_cuda);
+  m.impl("bias_dropout_residual_layernorm_bwd", &bias_dropout_residual_layernorm_bwd_cuda);
+  m.impl("embeddings_layernorm_dropout_fwd", &embeddings_layernorm_dropout_fwd_cuda);
+  m.impl("embeddings_layernorm_dropout_bwd", &embeddings_layernorm_dropout_bwd_cuda);
+  // ---- end bias_gelu, bias_dropout_residual_layernorm ----
 }
 #endif  // FASTBERT_WITH_CUDA

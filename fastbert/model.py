@@ -81,6 +81,18 @@ ACTIVATIONS = {
 }
 
 
+# hidden_act -> F.gelu's `approximate` for the fused bias + GELU kernel ("gelu_new" is the same
+# tanh formula as "gelu_pytorch_tanh", computed in another order).
+GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+def _fused(op, *tensors):
+    """Whether a fused kernel (bias_gelu, bias_dropout_residual_layernorm, embeddings_layernorm_dropout)
+    runs for these inputs: the model then calls the dense layer without its bias and the fused op (or
+    the embeddings' fused sum + LayerNorm + dropout); else the unfused ops, as before."""
+    return _backend.use_kernel(op, *tensors)
+
+
 # ----------------------------------------------------------------------------- the encoder
 
 
@@ -96,9 +108,13 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids, position_ids):  # [batch, seq] or packed [tokens]
-        h = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        h = ops.layer_norm(h, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
-                           residual=self.position_embeddings(position_ids).expand_as(h))
+        words, types = self.word_embeddings(input_ids), self.token_type_embeddings(token_type_ids)
+        positions = self.position_embeddings(position_ids).expand_as(words)
+        ln = self.LayerNorm
+        if _fused("embeddings_layernorm_dropout_fwd", words, ln.weight):  # sum, LayerNorm, dropout: one kernel
+            return ops.embeddings_layer_norm_dropout(words, types, positions, ln.weight, ln.bias, ln.eps,
+                                                     self.dropout.p, self.training)
+        h = ops.layer_norm(words + types, ln.weight, ln.bias, ln.eps, residual=positions)
         return self.dropout(h)
 
 
@@ -125,7 +141,10 @@ class BertSelfAttention(nn.Module):
 
 
 class BertSelfOutput(nn.Module):
-    """dense, dropout, then LayerNorm(· + the block's input): the post-LN residual."""
+    """dense, dropout, then LayerNorm(· + the block's input): the post-LN residual.
+
+    On the kernel path the dense runs without its bias and one fused kernel adds the bias, drops
+    out, adds the residual and normalizes (ops.bias_dropout_residual_layer_norm)."""
 
     def __init__(self, config, in_features):
         super().__init__()
@@ -134,8 +153,12 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden, residual):
+        ln = self.LayerNorm
+        if _fused("bias_dropout_residual_layernorm_fwd", hidden, residual, self.dense.weight):
+            return ops.bias_dropout_residual_layer_norm(F.linear(hidden, self.dense.weight), self.dense.bias, residual,
+                                                        ln.weight, ln.bias, ln.eps, self.dropout.p, self.training)
         h = self.dropout(self.dense(hidden))
-        return ops.layer_norm(h, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, residual=residual)
+        return ops.layer_norm(h, ln.weight, ln.bias, ln.eps, residual=residual)
 
 
 class BertOutput(BertSelfOutput):
@@ -156,12 +179,18 @@ class BertAttention(nn.Module):
 
 
 class BertIntermediate(nn.Module):
+    """dense, then the activation. For the GELUs on the kernel path the dense runs without its bias
+    and one fused kernel adds it and applies GELU (ops.bias_gelu), forward and backward."""
+
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.intermediate_act_fn = ACTIVATIONS[config.hidden_act]
+        self.gelu_approximate = GELU_APPROXIMATE.get(config.hidden_act)  # None: not a GELU ops.bias_gelu computes
 
     def forward(self, hidden):
+        if self.gelu_approximate is not None and _fused("bias_gelu_fwd", hidden, self.dense.weight):
+            return ops.bias_gelu(F.linear(hidden, self.dense.weight), self.dense.bias, self.gelu_approximate)
         return self.intermediate_act_fn(self.dense(hidden))
 
 

@@ -13,6 +13,8 @@
 #include <string>
 
 #include "attention/attention.h"
+#include "bias_dropout_residual_layernorm/bias_dropout_residual_layernorm.h"
+#include "bias_gelu/bias_gelu.h"
 #include "cross_entropy/cross_entropy.h"
 #include "gather/gather.h"
 #include "layernorm/layernorm.h"
@@ -86,6 +88,45 @@ void gather() {
   row("build_inverse_kernel", {fastbert::kGatherThreads}, 0);
 }
 
+void bias_gelu() {
+  // bias_gelu_kernel.cu: fwd_for/bwd_for launch <T, 1 or 16 / sizeof(T), kind> on 32 x 8 threads.
+  const int threads = fastbert::kBiasGeluThreadsX * fastbert::kBiasGeluThreadsY;
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    for (int vec : {1, 16 / fastbert::dtype_size(dtype)}) {
+      for (int kind : {0, 1}) {  // GeluKind::kErf, GeluKind::kTanh
+        const std::string args = std::string("<") + type_name(dtype) + ", " + std::to_string(vec) + ", " +
+                                 std::to_string(kind) + ">";
+        row("bias_gelu_fwd_kernel" + args, {threads}, 0);
+        row("bias_gelu_bwd_kernel" + args, {threads}, 0);
+      }
+    }
+  }
+  row("bias_gelu_dbias_kernel", {threads}, 0);
+}
+
+void bias_dropout_residual_layernorm() {
+  // bias_dropout_residual_layernorm_kernel.cu: fwd_for/bwd_for launch <T, config.vec, config.nv>.
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    std::set<int> threads[17][9];  // [vec][nv]
+    for (int64_t hidden = 1; hidden <= fastbert::kBdrlnMaxHidden; ++hidden) {
+      for (bool aligned : {true, false}) {
+        const fastbert::BdrlnConfig c = fastbert::bdrln_config(hidden, dtype, aligned);
+        threads[c.vec][c.nv].insert(c.threads);
+      }
+    }
+    for (int vec = 1; vec <= 16; ++vec) {
+      for (int nv = 1; nv <= 8; ++nv) {
+        if (threads[vec][nv].empty()) continue;
+        const std::string args =
+            std::string("<") + type_name(dtype) + ", " + std::to_string(vec) + ", " + std::to_string(nv) + ">";
+        row("bdrln_fwd_kernel" + args, threads[vec][nv], 0);
+        row("bdrln_bwd_kernel" + args, threads[vec][nv], 0);
+      }
+    }
+  }
+  row("bdrln_reduce_kernel", {fastbert::kBdrlnReduceCols * fastbert::kBdrlnReduceRows}, 0);
+}
+
 }  // namespace
 
 int main() {
@@ -93,5 +134,7 @@ int main() {
   layernorm();
   cross_entropy();
   gather();
+  bias_gelu();
+  bias_dropout_residual_layernorm();
   return 0;
 }

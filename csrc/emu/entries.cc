@@ -7,6 +7,8 @@
 #include <mutex>
 
 #include "attention/attention.h"
+#include "bias_dropout_residual_layernorm/bias_dropout_residual_layernorm.h"
+#include "bias_gelu/bias_gelu.h"
 #include "cross_entropy/cross_entropy.h"
 #include "gather/gather.h"
 #include "layernorm/layernorm.h"
@@ -150,6 +152,48 @@ int emu_attention_dropout_mask(const int32_t* cu, uint8_t* keep, int batch, int 
   p.dropout = dropout(dropout_enabled, keep_threshold, keep_scale, seed, offset);
   p.stream = nullptr;
   return guarded([&] { return fastbert::attention_dropout_mask(p); });
+}
+
+int64_t emu_bias_gelu_bwd_num_partials(int64_t rows, int64_t cols, int dtype) {
+  return fastbert::bias_gelu_bwd_num_partials(rows, cols, static_cast<fastbert::DType>(dtype));
+}
+
+// kind: 0 erf ("none"), 1 tanh.
+int emu_bias_gelu_fwd(const void* x, const float* bias, void* y, int64_t rows, int64_t cols, int kind, int dtype) {
+  fastbert::BiasGeluFwdParams p{x, bias, y, rows, cols, static_cast<fastbert::GeluKind>(kind),
+                                static_cast<fastbert::DType>(dtype), nullptr};
+  return guarded([&] { return fastbert::bias_gelu_fwd(p); });
+}
+
+int emu_bias_gelu_bwd(const void* dy, const void* x, const float* bias, void* dx, float* partial, float* dbias,
+                      int64_t rows, int64_t cols, int kind, int dtype) {
+  fastbert::BiasGeluBwdParams p{dy, x, bias, dx, partial, dbias, rows, cols, static_cast<fastbert::GeluKind>(kind),
+                                static_cast<fastbert::DType>(dtype), nullptr};
+  return guarded([&] { return fastbert::bias_gelu_bwd(p); });
+}
+
+int64_t emu_bdrln_bwd_num_partials(int64_t rows, int64_t hidden, int dtype) {
+  return fastbert::bdrln_bwd_num_partials(rows, hidden, static_cast<fastbert::DType>(dtype));
+}
+
+// dropout_p as the binding gets it; the rule of csrc/row_dropout.h turns it into the threshold.
+// residual2 and after_norm (the embeddings' mode): nullptr and 0 for bias_dropout_residual_layernorm.
+int emu_bdrln_fwd(const void* x, const float* bias, const void* residual, const void* residual2, const float* weight,
+                  const float* beta, void* y, void* h, float* mean, float* rstd, int64_t rows, int64_t hidden,
+                  float eps, double dropout_p, uint64_t seed, uint32_t offset, int after_norm, int dtype) {
+  fastbert::BdrlnFwdParams p{x, bias, residual, residual2, weight, beta, y, h, mean, rstd, rows, hidden, eps,
+                             fastbert::make_row_dropout(dropout_p, seed, offset), after_norm != 0,
+                             static_cast<fastbert::DType>(dtype), nullptr};
+  return guarded([&] { return fastbert::bdrln_fwd(p); });
+}
+
+int emu_bdrln_bwd(const void* dy, const void* h, const float* mean, const float* rstd, const float* weight, void* dx,
+                  void* dresidual, float* partial, float* dweight, float* dbeta, float* dbias, int64_t rows,
+                  int64_t hidden, double dropout_p, uint64_t seed, uint32_t offset, int after_norm, int dtype) {
+  fastbert::BdrlnBwdParams p{dy, h, mean, rstd, weight, dx, dresidual, partial, dweight, dbeta, dbias, rows, hidden,
+                             fastbert::make_row_dropout(dropout_p, seed, offset), after_norm != 0,
+                             static_cast<fastbert::DType>(dtype), nullptr};
+  return guarded([&] { return fastbert::bdrln_bwd(p); });
 }
 
 }  // extern "C"

@@ -4,7 +4,8 @@ import importlib
 HELP = "run every CUDA kernel against its PyTorch twin on fresh random inputs (needs a GPU)"
 
 # op modules that expose selfcheck(device) -> list[CheckResult]
-CHECKED_MODULES = ["gather", "layernorm", "cross_entropy", "attention"]
+CHECKED_MODULES = ["gather", "layernorm", "cross_entropy", "attention", "bias_gelu", "bias_dropout_residual_layernorm",
+                   "embeddings_layernorm_dropout"]
 
 
 def add_arguments(parser):

@@ -56,6 +56,14 @@ _SIGNATURES = {
     "emu_attention_bwd": [_P, _P, _P, _P, _P, _I32, _I32, _I32, _I32, _I64, _F32, _I32, _U32, _F32, _U64, _U32,
                           _I32, _P, _P, _P, _P, _P, _P],
     "emu_attention_dropout_mask": [_P, _P, _I32, _I32, _I32, _I32, _U32, _F32, _U64, _U32],
+    "emu_bias_gelu_bwd_num_partials": [_I64, _I64, _I32],
+    "emu_bias_gelu_fwd": [_P, _P, _P, _I64, _I64, _I32, _I32],
+    "emu_bias_gelu_bwd": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32],
+    "emu_bdrln_bwd_num_partials": [_I64, _I64, _I32],
+    "emu_bdrln_fwd": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _F32, ctypes.c_double, _U64, _U32, _I32,
+                      _I32],
+    "emu_bdrln_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, ctypes.c_double, _U64, _U32, _I32,
+                      _I32],
     "emu_configure": [_I32, _U64, _I32],
     "emu_last_error_message": [],
     "emu_selftest": [_I32, _P, _P, _P],
@@ -88,7 +96,7 @@ def load(path=None, build: bool = True):
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes = args
-            fn.restype = ctypes.c_int64 if name == "emu_layernorm_bwd_num_partials" else ctypes.c_int
+            fn.restype = ctypes.c_int64 if name.endswith("_num_partials") else ctypes.c_int
         lib.emu_last_error_message.restype = ctypes.c_char_p
         _lib = lib
         return lib
@@ -376,3 +384,148 @@ def attention_dropout_mask(cu_seqlens, heads, max_seqlen, dropout_p, seed, offse
     _call("attention_dropout_mask", "emu_attention_dropout_mask", _ptr(cu), _ptr(keep), batch, heads, max_seqlen,
           *_dropout(dropout_p, seed, offset))
     return keep
+
+
+def _num_partials(name, rows, cols, dtype):
+    """A launcher's workspace rows under the current settings (the architecture's SM count): the
+    caller holds _lock from here to its launch, so both see one architecture."""
+    lib = load()
+    lib.emu_configure(ORDERS.index(_settings["order"]), _settings["seed"] & (2 ** 64 - 1), _settings["arch"])
+    return getattr(lib, name)(rows, cols, dtype)
+
+
+# ----------------------------------------------------------------------------- bias_gelu
+
+_GELU_KINDS = {"none": 0, "tanh": 1}
+
+
+def _bias_gelu_inputs(x, bias, approximate, op):
+    _check_cpu(op, x, bias)
+    if approximate not in _GELU_KINDS:
+        raise ValueError(f"{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{op}: x must have a non-empty last dimension, got {tuple(x.shape)}")
+    return _fp32_param(bias, x.shape[-1], "bias")
+
+
+def bias_gelu_fwd(x, bias, approximate):
+    bias = _bias_gelu_inputs(x, bias, approximate, "bias_gelu_fwd")
+    dtype = _dtype(x, "bias_gelu_fwd")
+    x = x.contiguous()
+    cols = x.shape[-1]
+    y = torch.empty_like(x)
+    _call("bias_gelu_fwd", "emu_bias_gelu_fwd", _ptr(x), _ptr(bias), _ptr(y), x.numel() // cols, cols,
+          _GELU_KINDS[approximate], dtype)
+    return y
+
+
+def bias_gelu_bwd(dy, x, bias, approximate):
+    bias = _bias_gelu_inputs(x, bias, approximate, "bias_gelu_bwd")
+    _check_cpu("bias_gelu_bwd", dy)
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        raise ValueError("bias_gelu_bwd: dy and x must match in shape and dtype")
+    dtype = _dtype(x, "bias_gelu_bwd")
+    x, dy = x.contiguous(), dy.contiguous()
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    with _lock:
+        partials = _num_partials("emu_bias_gelu_bwd_num_partials", rows, cols, dtype)
+        dx = torch.empty_like(x)
+        workspace = torch.empty((partials, cols))
+        dbias = torch.empty(cols)
+        _call("bias_gelu_bwd", "emu_bias_gelu_bwd", _ptr(dy), _ptr(x), _ptr(bias), _ptr(dx), _ptr(workspace),
+              _ptr(dbias), rows, cols, _GELU_KINDS[approximate], dtype)
+    return dx, dbias
+
+
+# ----------------------------------------------------------------------------- bias_dropout_residual_layernorm
+
+
+def _row_dropout(dropout_p, seed, offset, op):
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p), int(seed) & (2 ** 64 - 1), int(offset) & 0xFFFFFFFF
+
+
+def bias_dropout_residual_layernorm_fwd(x, bias, residual, weight, ln_bias, eps, dropout_p, seed, offset):
+    op = "bias_dropout_residual_layernorm_fwd"
+    _check_cpu(op, x, bias, residual, weight, ln_bias)
+    dtype = _dtype(x, op)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"{op}: residual must match x in shape and dtype")
+    hidden = x.shape[-1]
+    x, residual = x.contiguous(), residual.contiguous()
+    bias, weight, ln_bias = (_fp32_param(t, hidden, name) for t, name in
+                             ((bias, "bias"), (weight, "weight"), (ln_bias, "ln_bias")))
+    rows = x.numel() // hidden if hidden else 0
+    y, h = torch.empty_like(x), torch.empty_like(x)
+    mean, rstd = torch.empty(rows), torch.empty(rows)
+    _call(op, "emu_bdrln_fwd", _ptr(x), _ptr(bias), _ptr(residual), None, _ptr(weight), _ptr(ln_bias), _ptr(y),
+          _ptr(h), _ptr(mean), _ptr(rstd), rows, hidden, float(eps), *_row_dropout(dropout_p, seed, offset, op), 0,
+          dtype)
+    return y, h, mean, rstd
+
+
+def bias_dropout_residual_layernorm_bwd(dy, h, mean, rstd, weight, dropout_p, seed, offset):
+    op = "bias_dropout_residual_layernorm_bwd"
+    _check_cpu(op, dy, h, mean, rstd, weight)
+    if dy.shape != h.shape or dy.dtype != h.dtype:
+        raise ValueError(f"{op}: dy and h must match in shape and dtype")
+    dtype = _dtype(h, op)
+    hidden = h.shape[-1]
+    rows = h.numel() // hidden
+    dy, h, mean, rstd = dy.contiguous(), h.contiguous(), mean.contiguous(), rstd.contiguous()
+    weight = _fp32_param(weight, hidden, "weight")
+    with _lock:
+        partials = _num_partials("emu_bdrln_bwd_num_partials", rows, hidden, dtype)
+        dx, dresidual = torch.empty_like(h), torch.empty_like(h)
+        workspace = torch.empty((3, partials, hidden))
+        dweight, dln_bias, dbias = torch.empty(hidden), torch.empty(hidden), torch.empty(hidden)
+        _call(op, "emu_bdrln_bwd", _ptr(dy), _ptr(h), _ptr(mean), _ptr(rstd), _ptr(weight), _ptr(dx),
+              _ptr(dresidual), _ptr(workspace), _ptr(dweight), _ptr(dln_bias), _ptr(dbias), rows, hidden,
+              *_row_dropout(dropout_p, seed, offset, op), 0, dtype)
+    return dx, dresidual, dweight, dln_bias, dbias
+
+
+# ----------------------------------------------------------------------------- embeddings_layernorm_dropout
+# The embeddings' mode of the bias_dropout_residual_layernorm kernels (csrc/bindings.cpp does the same).
+
+
+def embeddings_layernorm_dropout_fwd(a, b, c, weight, bias, eps, dropout_p, seed, offset):
+    op = "embeddings_layernorm_dropout_fwd"
+    _check_cpu(op, a, b, c, weight, bias)
+    dtype = _dtype(a, op)
+    for t in (b, c):
+        if t is not None and (t.shape != a.shape or t.dtype != a.dtype):
+            raise ValueError(f"{op}: b and c must match a in shape and dtype")
+    hidden = a.shape[-1]
+    a, b = a.contiguous(), b.contiguous()
+    c = c.contiguous() if c is not None else None
+    weight, bias = _fp32_param(weight, hidden, "weight"), _fp32_param(bias, hidden, "bias")
+    rows = a.numel() // hidden if hidden else 0
+    y, h = torch.empty_like(a), torch.empty_like(a)
+    mean, rstd = torch.empty(rows), torch.empty(rows)
+    _call(op, "emu_bdrln_fwd", _ptr(a), None, _ptr(b), _ptr(c), _ptr(weight), _ptr(bias), _ptr(y), _ptr(h),
+          _ptr(mean), _ptr(rstd), rows, hidden, float(eps), *_row_dropout(dropout_p, seed, offset, op), 1, dtype)
+    return y, h, mean, rstd
+
+
+def embeddings_layernorm_dropout_bwd(dy, h, mean, rstd, weight, dropout_p, seed, offset):
+    op = "embeddings_layernorm_dropout_bwd"
+    _check_cpu(op, dy, h, mean, rstd, weight)
+    if dy.shape != h.shape or dy.dtype != h.dtype:
+        raise ValueError(f"{op}: dy and h must match in shape and dtype")
+    dtype = _dtype(h, op)
+    hidden = h.shape[-1]
+    rows = h.numel() // hidden
+    dy, h, mean, rstd = dy.contiguous(), h.contiguous(), mean.contiguous(), rstd.contiguous()
+    weight = _fp32_param(weight, hidden, "weight")
+    with _lock:
+        partials = _num_partials("emu_bdrln_bwd_num_partials", rows, hidden, dtype)
+        dh = torch.empty_like(h)
+        workspace = torch.empty((3, partials, hidden))
+        dweight, dbias, unused = torch.empty(hidden), torch.empty(hidden), torch.empty(hidden)
+        _call(op, "emu_bdrln_bwd", _ptr(dy), _ptr(h), _ptr(mean), _ptr(rstd), _ptr(weight), None, _ptr(dh),
+              _ptr(workspace), _ptr(dweight), _ptr(dbias), _ptr(unused), rows, hidden,
+              *_row_dropout(dropout_p, seed, offset, op), 1, dtype)
+    return dh, dweight, dbias
