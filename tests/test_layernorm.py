@@ -212,3 +212,27 @@ def test_emulated_backward_partials_follow_occupancy(arch, hidden, dtype, want):
         lib.emu_configure(0, 0, arch)  # (each op call configures from the settings; this is a direct call)
         assert lib.emu_layernorm_bwd_num_partials(10 ** 6, hidden, code) == want
         assert lib.emu_layernorm_bwd_num_partials(7, hidden, code) == 7
+
+
+@needs_emulator
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_misaligned_pointers_take_narrower_packs(seed, dtype):
+    """x, residual and fp32 weight/bias starting 1-3 elements past an aligned address: the launcher
+    picks the widest access every pointer allows (down to scalar) and the results stay right."""
+    rows, hidden = 5, 96
+    for offset in (0, 1, 2, 3):
+        x = torch.randn(rows * hidden + offset, dtype=dtype)[offset:].view(rows, hidden)
+        r = torch.randn(rows * hidden + offset, dtype=dtype)[offset:].view(rows, hidden)
+        w = (1 + 0.5 * torch.randn(hidden + offset))[offset:]
+        b = torch.randn(hidden + offset)[offset:]
+        dy = torch.randn(rows, hidden, dtype=dtype)
+        with emulated():
+            y, total, mean, rstd = torch.ops.fastbert.layernorm_fwd(x, r, w, b, 1e-5)
+            dx, dw, db = torch.ops.fastbert.layernorm_bwd(dy, total, mean, rstd, w)
+        with _backend.kernels(False):
+            ty, ttotal, tmean, trstd = torch.ops.fastbert.layernorm_fwd(x, r, w, b, 1e-5)
+            tdx, tdw, tdb = torch.ops.fastbert.layernorm_bwd(dy, ttotal, tmean, trstd, w)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        for got, want in ((y, ty), (total, ttotal), (dx, tdx), (dw, tdw), (db, tdb)):
+            torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m: f"offset {offset}: {m}")
