@@ -118,6 +118,15 @@ class BertEmbeddings(nn.Module):
         return self.dropout(h)
 
 
+@dataclass
+class PaddedMask:
+    """The padded path's attention input: the [batch, seq] mask, and the `Packing` the attention
+    kernel needs, built once per forward on the host and shared by every layer (None where the
+    twin runs)."""
+    mask: torch.Tensor
+    packing: Packing = None
+
+
 class BertSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -129,14 +138,16 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, hidden, attn):
-        """hidden [batch, seq, hidden] with attn the [batch, seq] mask, or [tokens, hidden] with attn a Packing."""
+        """hidden [batch, seq, hidden] with attn the [batch, seq] mask (or a PaddedMask), or [tokens, hidden]
+        with attn a Packing."""
         heads = (*hidden.shape[:-1], self.num_attention_heads, self.attention_head_size)
         q, k, v = (proj(hidden).view(heads) for proj in (self.query, self.key, self.value))
         if isinstance(attn, Packing):
             out = ops.attention_varlen(q, k, v, attn.cu_seqlens, attn.max_seqlen, dropout_p=self.dropout_p,
                                        training=self.training, check=False)
         else:
-            out = ops.attention(q, k, v, attn, dropout_p=self.dropout_p, training=self.training)
+            mask, packing = (attn.mask, attn.packing) if isinstance(attn, PaddedMask) else (attn, None)
+            out = ops.attention(q, k, v, mask, dropout_p=self.dropout_p, training=self.training, packing=packing)
         return out.reshape(hidden.shape)
 
 
@@ -344,7 +355,7 @@ class BertModel(BertPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 output_hidden_states=False, return_dict=True, packing=None):
         """As transformers' BertModel. `packing`: an optional `Packing` of attention_mask, built by
-        the caller on the CPU, which spares the padding-free path its host syncs."""
+        the caller on the CPU, which spares the attention kernel its host sync (padded or padding-free path)."""
         hidden, pooled, all_hidden, packing = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
                                                           output_hidden_states, packing)
         if packing is not None:  # pad back what the caller sees
@@ -363,8 +374,11 @@ class BertModel(BertPreTrainedModel):
         input_ids, attention_mask, token_type_ids, position_ids = self._prepare_inputs(
             input_ids, attention_mask, token_type_ids, position_ids)
         if not self.use_padding_free(input_ids):
+            attn = PaddedMask(attention_mask)
+            if given_mask is not None and self.attention_kernel_runs(input_ids):  # one Packing for every layer
+                attn.packing = self._packing(input_ids, given_mask, attention_mask, packing)
             hidden = self.embeddings(input_ids, token_type_ids, position_ids)
-            hidden, all_hidden = self.encoder(hidden, attention_mask, output_hidden_states)
+            hidden, all_hidden = self.encoder(hidden, attn, output_hidden_states)
             pooled = self.pooler(hidden) if self.pooler is not None else None
             return hidden, pooled, all_hidden, None
         packing = self._packing(input_ids, given_mask, attention_mask, packing)
@@ -378,9 +392,15 @@ class BertModel(BertPreTrainedModel):
         """model.padding_free if set; by default (None) whenever the CUDA attention kernel would run."""
         if self.padding_free is not None:
             return bool(self.padding_free)
-        if not (input_ids.is_cuda and _backend.use_kernel("attention_varlen_fwd", input_ids)):
+        return input_ids.is_cuda and self.attention_kernel_runs(input_ids)
+
+    def attention_kernel_runs(self, input_ids):
+        """Whether the attention kernel (on CPU tensors: the emulated one) would run in this model's layers:
+        kernels on for input_ids' device, float16/bfloat16 q/k/v (autocast included), head_dim 32/64/128."""
+        if not _backend.use_kernel("attention_varlen_fwd", input_ids):
             return False
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self.dtype
+        kind = input_ids.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.dtype
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         return dtype in KERNEL_DTYPES and head_dim in HEAD_DIMS
 
@@ -389,7 +409,8 @@ class BertModel(BertPreTrainedModel):
         if packing is None:
             if given_mask is None:  # every position is a token: no sync needed
                 return Packing.full(batch, seq, input_ids.device)
-            return Packing.from_mask(attention_mask)  # on CUDA: two host syncs
+            # built on the host: a CUDA mask costs one copy (a sync), not nonzero's and max's two
+            return Packing.from_mask(attention_mask.cpu()).to(input_ids.device, non_blocking=True)
         if not isinstance(packing, Packing):
             raise TypeError(f"packing must be a fastbert.model.Packing, got {type(packing).__name__}")
         if packing.cu_seqlens.shape != (batch + 1,) or packing.indices.dim() != 1:

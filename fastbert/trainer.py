@@ -517,6 +517,7 @@ class Trainer:
         last_eval, saved_at = None, None
         self._stop = StopRequest("\nfastbert pretrain: stopping after this step with a checkpoint (press Ctrl-C "
                                  "again to stop at once, keeping the last checkpoint)\n" if self.main else None)
+        pending, step_loss = None, float("nan")  # (step, loss tensor) of the step whose loss is not read yet
         try:
             self._stop.install()
             while self.step < end and not self._stop_agreed():
@@ -524,13 +525,16 @@ class Trainer:
                 first = self.step * a.grad_accum  # the global batch this step starts at
                 if stream_key != (seq_len, first):  # a new phase, or the start
                     stream = batch_stream(batches, first, a.num_workers)
-                step_loss = self._train_step(stream, window).item()  # the step's one host sync, after it is queued
+                loss = self._train_step(stream, window)  # queued, not waited for
                 stream_key = (seq_len, first + a.grad_accum)
                 self.step += 1
-                if not math.isfinite(step_loss):
-                    raise TrainingError(f"the loss became {step_loss} at step {self.step}; stopping the run (the last "
-                                        "checkpoint is kept; try a lower --lr or --precision bf16 instead of fp16)")
+                if pending is not None:  # the previous step's loss: read while the device runs this one
+                    step_loss = self._checked_loss(*pending)
+                pending = (self.step, loss)
                 last = self.step == a.steps  # (stopping early at --stop-at-step only saves)
+                if (self.step % a.log_every == 0 or self.step % a.eval_every == 0 or self.step % a.save_every == 0
+                        or last or self.step == end):  # these wait for the device anyway; nothing NaN is logged or saved
+                    step_loss, pending = self._checked_loss(*pending), None
                 record = None
                 if self.step % a.log_every == 0 or last:
                     record = self._window_record(window, seq_len)
@@ -547,6 +551,8 @@ class Trainer:
                     saved_at = self.step
             interrupted = self.step < end
             if interrupted and saved_at != self.step:
+                if pending is not None:  # never save what a non-finite step wrote
+                    self._checked_loss(*pending)
                 self.save()
         finally:
             self._stop.uninstall()
@@ -564,6 +570,15 @@ class Trainer:
             torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
             requested = bool(stop.item())
         return requested
+
+    def _checked_loss(self, step, loss):
+        """The loss of optimizer step `step` as a float (a host sync); stops the run if it is not finite.
+        The loop reads each step's loss one step late, so the device never waits for the host."""
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingError(f"the loss became {value} at step {step}; stopping the run (the last "
+                                "checkpoint is kept; try a lower --lr or --precision bf16 instead of fp16)")
+        return value
 
     def _train_step(self, stream, window):
         """One optimizer step; returns the loss as a device tensor. No host sync inside on CUDA (with

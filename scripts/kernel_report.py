@@ -9,7 +9,13 @@ loads (counted from the SASS), static and dynamic shared memory, and the theoret
 (CTAs and warps per SM, from registers, shared memory and threads per block under that
 architecture's SM limits; for a kernel launched with several block sizes, the worst one).
 
-Exit status 1, with the reason, when a reachable instantiation spills, when a launch would ask
+Also counted from the SASS: the 16-byte (128-bit) global loads and stores of each kernel
+(LDG/STG with a .128 suffix). An instantiation the launch table marks as moving 16-byte packs on
+its main path (layernorm's, with 16-byte packs) must have both. Kernels below 50% theoretical
+occupancy are listed in a note (issue 14's bar; not a failure).
+
+Exit status 1, with the reason, when a reachable instantiation spills, when a 16-byte path has no
+128-bit global load or store, when a launch would ask
 for more shared memory than the architecture allows per block (opt-in included), or when the
 launch table names a kernel the binary lacks. Kernels the binary holds that no launcher reaches
 are listed as unreachable and do not fail the report.
@@ -53,6 +59,7 @@ class SMLimits:
 
 
 SMEM_DEFAULT_LIMIT = 48 * KIB  # per block without the opt-in attribute, every architecture
+OCCUPANCY_BAR = 0.5  # issue 14: theoretical occupancy of every kernel (a note below it)
 
 SM_LIMITS = {
     70: SMLimits(max_warps=64, max_ctas=32, smem_per_sm=96 * KIB, smem_optin=96 * KIB, reserved_smem=0),
@@ -136,6 +143,8 @@ class Resources:
     local: int
     spill_stores: int = 0
     spill_loads: int = 0
+    global_loads_128: int = 0   # LDG*.128 instructions in the SASS
+    global_stores_128: int = 0  # STG*.128
 
     def static_smem(self) -> int:
         """Static shared memory the kernel declares. In sm_90 (and, we assume, newer) code
@@ -208,11 +217,35 @@ def parse_sass_spills(text: str):
     return out
 
 
+_GLOBAL_ACCESS = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)\s")
+
+
+def parse_sass_vector_accesses(text: str):
+    """{(arch, mangled name): (128-bit global loads, 128-bit global stores)} in `cuobjdump -sass` output."""
+    out, arch, name = {}, None, None
+    for line in text.splitlines():
+        m = re.match(r"\s*arch = sm_(\d+)", line)
+        if m:
+            arch = int(m.group(1))
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            name = m.group(1)
+            out.setdefault((arch, name), (0, 0))
+            continue
+        m = _GLOBAL_ACCESS.search(line)
+        if m and name is not None and "128" in m.group(2).split("."):
+            loads, stores = out[(arch, name)]
+            out[(arch, name)] = (loads + 1, stores) if m.group(1) == "LDG" else (loads, stores + 1)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Launch:
     name: str
     threads: tuple
     dynamic_smem: int
+    vector_bytes: int = 0  # 16: the main path moves 16-byte packs (checked in the SASS)
 
 
 def parse_launch_table(text: str):
@@ -220,8 +253,9 @@ def parse_launch_table(text: str):
     for line in text.splitlines():
         if not line.strip():
             continue
-        name, threads, smem = line.split("\t")
-        table[name] = Launch(name, tuple(int(t) for t in threads.split(",")), int(smem))
+        name, threads, smem, *vector = line.split("\t")
+        table[name] = Launch(name, tuple(int(t) for t in threads.split(",")), int(smem),
+                             int(vector[0]) if vector else 0)
     return table
 
 
@@ -260,6 +294,14 @@ def evaluate(resources, launch_table, demangle):
         if res.spill_stores or res.spill_loads:
             errors.append(f"{name} on sm_{res.arch} spills: {res.spill_stores} B of local stores, {res.spill_loads} B "
                           f"of local loads ({res.registers} registers, {res.stack} B stack frame); expected none")
+        if launch.vector_bytes == 16 and not (res.global_loads_128 and res.global_stores_128):
+            errors.append(f"{name} on sm_{res.arch} moves 16-byte packs on its main path, but its SASS has "
+                          f"{res.global_loads_128} 128-bit global loads and {res.global_stores_128} 128-bit global "
+                          "stores; expected both (a scalarized access: check the pack types and alignment)")
+        if row.occupancy.fraction < OCCUPANCY_BAR:
+            notes.append(f"{name} on sm_{res.arch}: theoretical occupancy {row.occupancy.fraction:.0%} at "
+                         f"{row.worst_threads} threads ({row.occupancy.limiter}), below issue 14's "
+                         f"{OCCUPANCY_BAR:.0%}")
         if total_smem > lim.smem_optin:
             errors.append(f"{name} on sm_{res.arch} asks for {total_smem} B of shared memory per block "
                           f"({res.static_smem()} static + {launch.dynamic_smem} dynamic); sm_{res.arch} allows at most "
@@ -282,18 +324,19 @@ def evaluate(resources, launch_table, demangle):
 
 
 def format_rows(rows):
-    header = ("kernel", "arch", "regs", "spill st/ld B", "static smem", "dyn smem", "threads", "CTAs/SM", "warps/SM",
-              "occupancy", "limited by")
+    header = ("kernel", "arch", "regs", "spill st/ld B", "16B ld/st", "static smem", "dyn smem", "threads", "CTAs/SM",
+              "warps/SM", "occupancy", "limited by")
     lines = [header]
     for r in sorted(rows, key=lambda r: (not r.reachable, r.arch, r.name)):
         if not r.reachable:
             lines.append((r.name, f"sm_{r.arch}", str(r.res.registers), f"{r.res.spill_stores}/{r.res.spill_loads}",
-                          str(r.res.static_smem()), "-", "-", "-", "-", "-", "unreachable: no launcher uses it"))
+                          f"{r.res.global_loads_128}/{r.res.global_stores_128}", str(r.res.static_smem()), "-", "-",
+                          "-", "-", "-", "unreachable: no launcher uses it"))
             continue
         t = f"{min(r.threads)}-{max(r.threads)}" if len(r.threads) > 1 else str(r.threads[0])
         o = r.occupancy
         lines.append((r.name, f"sm_{r.arch}", str(r.res.registers), f"{r.res.spill_stores}/{r.res.spill_loads}",
-                      str(r.res.static_smem()), str(r.dynamic_smem), t + (f" (worst {r.worst_threads})" if len(r.threads) > 1 else ""),
+                      f"{r.res.global_loads_128}/{r.res.global_stores_128}", str(r.res.static_smem()), str(r.dynamic_smem), t + (f" (worst {r.worst_threads})" if len(r.threads) > 1 else ""),
                       str(o.ctas), str(o.warps), f"{o.fraction:.0%}", o.limiter))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
@@ -351,8 +394,11 @@ def read_binary(so, cuobjdump):
         raise SystemExit(f"kernel_report: {so} holds no CUDA machine code (built with FASTBERT_SKIP_CUDA=1, or "
                          "for PTX only?)")
     stacked = sorted({r.mangled for r in res if r.stack > 0 or r.local > 0})
-    if stacked:  # only kernels with a stack frame can touch local memory: disassemble just those
-        sass = subprocess.run([cuobjdump, "-sass", "-fun", ",".join(stacked), so], capture_output=True, text=True)
+    sass = subprocess.run([cuobjdump, "-sass", so], capture_output=True, text=True)
+    vectors = parse_sass_vector_accesses(sass.stdout)
+    for r in res:
+        r.global_loads_128, r.global_stores_128 = vectors.get((r.arch, r.mangled), (0, 0))
+    if stacked:  # only kernels with a stack frame can touch local memory
         spills = parse_sass_spills(sass.stdout)
         for r in res:
             if r.mangled in stacked and (r.arch, r.mangled) not in spills:

@@ -127,6 +127,24 @@ def test_parse_sass_counts_local_store_and_load_bytes():
     assert spills[(80, "_Z5cleanv")] == (0, 0)
 
 
+def test_parse_sass_counts_128_bit_global_accesses():
+    sass = """
+        arch = sm_90
+                Function : _Z3vecv
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E.128.CONSTANT R8, desc[UR4][R6.64] ;
+        /*0030*/                   LDG.E.64 R10, desc[UR4][R6.64] ;
+        /*0040*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+        /*0050*/                   STS.128 [R0], R4 ;
+        /*0060*/                   LDL.128 R8, [R1] ;
+                Function : _Z6scalarv
+        /*0010*/                   LDG.E R6, desc[UR4][R2.64] ;
+        /*0020*/                   STG.E desc[UR4][R2.64], R6 ;
+"""
+    counts = KR.parse_sass_vector_accesses(sass)
+    assert counts == {(90, "_Z3vecv"): (2, 1), (90, "_Z6scalarv"): (0, 0)}  # shared/local .128 are not global
+
+
 def test_kernel_key():
     assert KR.kernel_key("void fastbert::(anonymous namespace)::attention_fwd_kernel<__half, 64>"
                          "(fastbert::AttentionFwdParams)") == "attention_fwd_kernel<__half, 64>"
@@ -162,6 +180,7 @@ def test_shared_memory_over_the_opt_in_limit_fails():
     assert len(errors) == 1 and "101376 B" in errors[0] and "134656 dynamic" in errors[0]
     # sm_80 allows it; the note names the family members that run sm_80 code but lack the memory
     _, errors, notes = _evaluate([_res(80, "attn<128>", shared=1024)], table)
+    notes = [n for n in notes if "opt-in" in n]  # (the other note: its occupancy is below 50%)
     assert errors == [] and len(notes) == 1 and "sm_86, sm_89" in notes[0] and "sm_87" not in notes[0]
     # static + dynamic together count: 1 KiB static tips 226.5 KiB of dynamic over sm_90's 227 KiB
     _, errors, _ = _evaluate([_res(90, "k", shared=2048)], {"k": ((128,), 227 * KIB - 512)})
@@ -174,6 +193,26 @@ def test_worst_block_size_is_reported():
     # 32-thread blocks are capped at 32 blocks (50% of sm_90's warps); 256 threads fill the SM
     rows, errors, _ = _evaluate([_res(90, "ln<1>")], {"ln<1>": ((32, 256), 0)})
     assert errors == [] and rows[0].worst_threads == 32 and rows[0].occupancy.fraction == pytest.approx(0.5)
+
+
+def test_a_16_byte_path_without_128_bit_accesses_fails():
+    def run(loads, stores, vector_bytes=16):
+        r = _res(90, "ln<8>")
+        r.global_loads_128, r.global_stores_128 = loads, stores
+        return KR.evaluate([r], {"ln<8>": KR.Launch("ln<8>", (128,), 0, vector_bytes)},
+                           demangle=lambda mangled: f"void {mangled}(P)")[1]
+    assert run(4, 1) == []
+    errors = run(4, 0)
+    assert len(errors) == 1 and "ln<8> on sm_90 moves 16-byte packs" in errors[0] and "0 128-bit global stores" in errors[0]
+    assert len(run(0, 1)) == 1
+    assert run(0, 0, vector_bytes=0) == []  # a scalar path is not held to it
+
+
+def test_occupancy_below_half_is_a_note():
+    _, errors, notes = _evaluate([_res(90, "heavy", registers=128)], {"heavy": ((256,), 0)})
+    assert errors == [] and len(notes) == 1 and "heavy on sm_90: theoretical occupancy 25%" in notes[0]
+    _, _, notes = _evaluate([_res(90, "light", registers=32)], {"light": ((256,), 0)})
+    assert notes == []
 
 
 def test_table_kernel_missing_from_the_binary_fails():
@@ -191,5 +230,11 @@ def test_launch_table_reads_the_launchers_headers():
     # launchers do not instantiate <__half, 8, 4> (it spilled 312 B); fp32 needs <float, 4, 4>
     assert "layernorm_bwd_kernel<__half, 8, 2>" in table and "layernorm_bwd_kernel<__half, 8, 4>" not in table
     assert "layernorm_bwd_kernel<float, 4, 4>" in table and max(table["layernorm_fwd_kernel<float, 1, 8>"].threads) == 1024
+    # 16-byte packs are held to 128-bit accesses; the 8- and 4-byte packs (hidden % 8 != 0) exist, unmarked
+    assert table["layernorm_bwd_kernel<__nv_bfloat16, 8, 1>"].vector_bytes == 16
+    assert table["layernorm_fwd_kernel<float, 4, 1>"].vector_bytes == 16
+    assert table["layernorm_fwd_kernel<__nv_bfloat16, 4, 1>"].vector_bytes == 0
+    assert "layernorm_fwd_kernel<__half, 2, 8>" in table and "layernorm_fwd_kernel<float, 2, 1>" in table
+    assert table["layernorm_reduce_kernel"].threads == (256,)
     smem = {name: t.dynamic_smem for name, t in table.items() if name.startswith("attention_bwd_kernel<__half")}
     assert smem["attention_bwd_kernel<__half, 128>"] > 99 * KIB > smem["attention_bwd_kernel<__half, 64>"]

@@ -1,6 +1,8 @@
 """layernorm: y = LayerNorm(x + residual), its registered ops (CPU twins here, CUDA kernels on
 a GPU), autograd, bad input, and the tolerance rule on the GPU."""
+import contextlib
 import importlib
+import math
 
 import pytest
 import torch
@@ -147,3 +149,90 @@ def test_torch_compile_gpu(seed):
         ref = layer_norm(x, w, b, 1e-12, residual=r).float().square().sum()
     torch.testing.assert_close(loss, ref, rtol=2e-2, atol=1.0)
     assert x.grad is not None and r.grad is not None and torch.equal(x.grad, r.grad)
+
+
+# ----------------------------------------------------------------------------- emulated kernels
+
+from emulation import emulated, needs_emulator, needs_ops, orders  # noqa: E402
+
+# 16-byte packs (96, 768, 1000, 4096), 8-byte (bf16/fp16 100; fp32 50), 4-byte (bf16/fp16 50), scalar (1001)
+EMULATED_SHAPES = ((3, 96), (4, 768), (5, 100), (3, 50), (2, 1000), (3, 1001), (2, 4096))
+
+
+@contextlib.contextmanager
+def _emulated_sms(sms):
+    """The emulated device reports `sms` SMs (None: the architecture's own count)."""
+    from fastbert.ops import _emulator
+    lib = _emulator.load()
+    lib.emu_set_num_sms(sms or 0)
+    try:
+        yield
+    finally:
+        lib.emu_set_num_sms(0)
+
+
+@needs_emulator
+@needs_ops
+@orders
+@pytest.mark.parametrize("sms", [None, 1])
+def test_emulated_kernels_tolerance_rule(monkeypatch, seed, order, sms):
+    """The CUDA kernels, emulated, against the twin and fp64: fp32/fp16/bf16, with and without a
+    residual, every access width. sms=1 shrinks the backward's grid (its partials) below the
+    rows, so each block accumulates dweight/dbias over several rows."""
+    shapes = EMULATED_SHAPES if sms is None else tuple((rows * 12 + 1, hidden) for rows, hidden in EMULATED_SHAPES)
+    monkeypatch.setattr(ln_module, "SELFCHECK_SHAPES", shapes)
+    with emulated(order), _emulated_sms(sms):
+        results = ln_module.selfcheck(torch.device("cpu"))
+    assert len(results) == 3 * len(shapes) * (5 + 4)
+    if sms is None:
+        failed = [r for r in results if not r.ok]
+    else:  # dweight/dbias sum 37-61 rows in another order than torch: the absolute floor grows as sqrt(rows)
+        from fastbert.ops._check import ATOL_FLOOR
+
+        def ok(r):
+            rows = int(r.case.split("rows=")[1].split()[0])
+            floor = ATOL_FLOOR[getattr(torch, r.dtype)] * math.sqrt(rows)
+            return r.written and r.kernel_error <= 2 * r.twin_error + floor
+        failed = [r for r in results if not ok(r)]
+    assert not failed, failed
+
+
+@needs_emulator
+@needs_ops
+@pytest.mark.parametrize("arch,hidden,dtype,want", [
+    (90, 768, torch.bfloat16, 132 * 21), (80, 768, torch.bfloat16, 108 * 21), (86, 768, torch.bfloat16, 84 * 16),
+    (90, 4096, torch.bfloat16, 132 * 4), (90, 1001, torch.float32, 132 * 4)])
+def test_emulated_backward_partials_follow_occupancy(arch, hidden, dtype, want):
+    """The workspace rows: the backward kernel's resident blocks per SM (the emulator's bound from
+    threads and blocks per SM: it does not know registers) times the SMs, at most the rows."""
+    from fastbert.ops import _emulator
+    code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+    lib = _emulator.load()
+    with _emulator.settings(arch=arch):
+        lib.emu_configure(0, 0, arch)  # (each op call configures from the settings; this is a direct call)
+        assert lib.emu_layernorm_bwd_num_partials(10 ** 6, hidden, code) == want
+        assert lib.emu_layernorm_bwd_num_partials(7, hidden, code) == 7
+
+
+@needs_emulator
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_misaligned_pointers_take_narrower_packs(seed, dtype):
+    """x, residual and fp32 weight/bias starting 1-3 elements past an aligned address: the launcher
+    picks the widest access every pointer allows (down to scalar) and the results stay right."""
+    rows, hidden = 5, 96
+    for offset in (0, 1, 2, 3):
+        x = torch.randn(rows * hidden + offset, dtype=dtype)[offset:].view(rows, hidden)
+        r = torch.randn(rows * hidden + offset, dtype=dtype)[offset:].view(rows, hidden)
+        w = (1 + 0.5 * torch.randn(hidden + offset))[offset:]
+        b = torch.randn(hidden + offset)[offset:]
+        dy = torch.randn(rows, hidden, dtype=dtype)
+        with emulated():
+            y, total, mean, rstd = torch.ops.fastbert.layernorm_fwd(x, r, w, b, 1e-5)
+            dx, dw, db = torch.ops.fastbert.layernorm_bwd(dy, total, mean, rstd, w)
+        with _backend.kernels(False):
+            ty, ttotal, tmean, trstd = torch.ops.fastbert.layernorm_fwd(x, r, w, b, 1e-5)
+            tdx, tdw, tdb = torch.ops.fastbert.layernorm_bwd(dy, ttotal, tmean, trstd, w)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        for got, want in ((y, ty), (total, ttotal), (dx, tdx), (dw, tdw), (db, tdb)):
+            torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m: f"offset {offset}: {m}")

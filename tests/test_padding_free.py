@@ -262,3 +262,50 @@ def test_gpu_training_step_has_no_host_sync(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_padded_kernel_path_builds_one_packing_per_forward_on_the_host(seed, given):
+    """The padded path (padding_free=False) on the attention kernel (emulated on CPU): the Packing is
+    built once per forward from a host mask and shared by the layers, or not at all when the caller
+    passes one; the result equals the twins'."""
+    import importlib
+    from unittest import mock
+
+    from emulation import emulated
+    from fastbert.ops import _emulator
+    if not _emulator.available() or not fastbert._backend.has_op("attention_varlen_fwd"):
+        pytest.skip("the kernel emulator or fastbert._C is not built")
+    config = random_config(hidden_size=64, num_attention_heads=2, intermediate_size=96, num_hidden_layers=3)
+    model = BertModel(config).to(torch.bfloat16).eval()
+    model.padding_free, model.check_inputs = False, False
+    ids, mask, tt, _, _ = make_batch(config, [7, 3, 5])
+    packing = Packing.from_mask(mask) if given else None
+    built = []
+    real = Packing.from_mask
+
+    def counting(attention_mask):
+        built.append(attention_mask.device.type)
+        return real(attention_mask)
+
+    attention_module = importlib.import_module("fastbert.ops.attention")  # (fastbert.ops.attention is the function)
+    with mock.patch.object(Packing, "from_mask", side_effect=counting), \
+            mock.patch.object(attention_module, "attention_varlen", wraps=attention_module.attention_varlen) as varlen, \
+            emulated():
+        assert model.attention_kernel_runs(ids)
+        out = model(ids, mask, tt, packing=packing).last_hidden_state
+    assert varlen.call_count == config.num_hidden_layers  # every layer ran the (emulated) kernel
+    assert built == ([] if given else ["cpu"])
+    with fastbert.kernels(False):
+        want = model(ids, mask, tt).last_hidden_state
+    real_rows = mask.bool()
+    torch.testing.assert_close(out[real_rows].float(), want[real_rows].float(), atol=3e-2, rtol=3e-2)
+
+
+def test_attention_checks_a_given_packing():
+    q = torch.randn(3, 5, 2, 16)
+    mask = torch.ones(3, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="packing describes 2 sequences"):
+        fastbert.ops.attention(q, q, q, mask, packing=Packing.from_mask(mask[:2]))
+    with pytest.raises(TypeError, match="packing must be a fastbert Packing"):
+        fastbert.ops.attention(q, q, q, mask, packing=mask)

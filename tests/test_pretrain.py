@@ -209,3 +209,43 @@ def test_init_continues_from_a_pretrained_model(tmp_path, cache, tiny_config):
     for (name, a), b in zip(trainer.model.state_dict().items(), source.state_dict().values()):
         assert torch.equal(a, b), name
     assert trainer.train()["step"] == 12
+
+
+class _Loss:
+    """A step's loss that records when the loop reads it (the host sync)."""
+
+    def __init__(self, step, value, events):
+        self.step, self.value, self.events = step, value, events
+
+    def item(self):
+        self.events.append(("read", self.step))
+        return self.value
+
+
+@pytest.mark.parametrize("nan_step,save_every,saved", [(2, 100, None), (6, 3, 3)])
+def test_loss_is_read_one_step_late_and_a_nan_step_is_named_and_never_saved(tmp_path, cache, tiny_config,
+                                                                            nan_step, save_every, saved):
+    from fastbert.trainer import Trainer, TrainingError
+
+    trainer = Trainer(quick_args(tmp_path / "run", cache, tiny_config, steps=20, log_every=100, eval_every=100,
+                                 save_every=save_every))
+    events = []
+
+    def fake_step(stream, window):
+        step = sum(e[0] == "queue" for e in events) + 1
+        events.append(("queue", step))
+        window["steps"] += 1
+        return _Loss(step, float("nan") if step == nan_step else 1.0, events)
+
+    trainer._train_step = fake_step
+    with pytest.raises(TrainingError, match=f"at step {nan_step};"):
+        trainer.train()
+    # step k's loss is read after step k+1 is queued, except at a save step (read before saving)
+    for k in range(1, nan_step + 1):
+        late = events.index(("read", k)) > events.index(("queue", k + 1)) if ("queue", k + 1) in events else False
+        assert late == (k % save_every != 0), (k, events)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    if saved is None:
+        assert not ckpt.exists()
+    else:
+        assert torch.load(ckpt, weights_only=False)["step"] == saved

@@ -26,6 +26,8 @@
 #define __shared__ static  // one copy per kernel instantiation; blocks run one after another
 #undef __launch_bounds__
 #define __launch_bounds__(...)
+#undef __maxnreg__
+#define __maxnreg__(...)
 
 namespace emu {
 
@@ -195,7 +197,13 @@ inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
 
-// cuda_runtime.h's overload for kernels (nvcc only): the same on the host.
+// cuda_runtime.h's overloads for kernels (nvcc only): the same on the host.
+template <typename F>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, F* kernel, int block_size,
+                                                                 size_t dynamic_smem) {
+  return ::cudaOccupancyMaxActiveBlocksPerMultiprocessor(num_blocks, reinterpret_cast<const void*>(kernel),
+                                                         block_size, dynamic_smem);
+}
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
   return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);

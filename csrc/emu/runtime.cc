@@ -135,7 +135,15 @@ int optin_limit(int arch) {
     default: return 48 * 1024;
   }
 }
-int num_sms(int arch) { return arch == 80 ? 108 : arch == 86 ? 84 : arch == 89 ? 128 : arch == 120 ? 170 : 132; }
+int g_num_sms = 0;  // emu_set_num_sms: 0 = the architecture's own count below
+int num_sms(int arch) {
+  if (g_num_sms > 0) return g_num_sms;
+  return arch == 80 ? 108 : arch == 86 ? 84 : arch == 89 ? 128 : arch == 120 ? 170 : 132;
+}
+// Per SM: resident threads and blocks, and shared memory (scripts/kernel_report.py's table).
+int max_threads_per_sm(int arch) { return arch == 86 || arch == 89 || arch == 120 ? 1536 : 2048; }
+int max_blocks_per_sm(int arch) { return arch == 86 ? 16 : arch == 89 ? 24 : 32; }
+int smem_per_sm(int arch) { return arch == 80 || arch == 87 ? 164 * 1024 : arch == 90 ? 228 * 1024 : 100 * 1024; }
 
 uint64_t next_random() {  // xorshift64*
   g_rng ^= g_rng >> 12;
@@ -702,6 +710,23 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   }
 }
 
+// The emulator does not know a kernel's registers or static shared memory: it answers the bound
+// from threads, resident blocks and the dynamic shared memory (1 KiB reserved per block) of the
+// emulated architecture, an upper bound of what the GPU says; never 0 for a launchable block.
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, const void* func, int block_size,
+                                                          size_t dynamic_smem) {
+  if (num_blocks == nullptr || func == nullptr || block_size < 1 || block_size > 1024) return cudaErrorInvalidValue;
+  const int arch = emu::g_arch;
+  const int warps = (block_size + 31) / 32;
+  int blocks = emu::max_threads_per_sm(arch) / (warps * 32);
+  if (blocks > emu::max_blocks_per_sm(arch)) blocks = emu::max_blocks_per_sm(arch);
+  const size_t per_block = dynamic_smem + 1024;
+  const int by_smem = static_cast<int>(static_cast<size_t>(emu::smem_per_sm(arch)) / per_block);
+  if (by_smem < blocks) blocks = by_smem;
+  *num_blocks = blocks;
+  return cudaSuccess;
+}
+
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
   const int limit = emu::optin_limit(emu::g_arch);
@@ -735,6 +760,13 @@ int emu_configure(int order, unsigned long long seed, int arch) {
   emu::g_rng = seed * 0x9E3779B97F4A7C15ull + 1;
   emu::g_arch = arch;
   emu::g_max_dynamic_smem.clear();  // a new architecture: opt-ins are made again, as on a new device
+  return 0;
+}
+
+// SMs the emulated device reports (cudaDevAttrMultiProcessorCount); 0 restores the architecture's.
+int emu_set_num_sms(int sms) {
+  if (sms < 0) return -1;
+  emu::g_num_sms = sms;
   return 0;
 }
 

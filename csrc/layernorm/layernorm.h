@@ -15,26 +15,36 @@ namespace fastbert {
 // The largest hidden size every path (including the unaligned scalar one) supports.
 constexpr int64_t kLayerNormMaxHidden = 8192;
 
-// How the launchers run a row of `hidden` elements: vec elements per access (16 bytes' worth when
-// the hidden size and the pointers allow it, else 1), nv packs per thread (1, 2, 4 or 8) and
-// `threads` per block (a multiple of 32, at most 1024). layernorm_fwd_kernel<T, vec, nv> and
-// layernorm_bwd_kernel<T, vec, nv> are launched with it; scripts/kernel_report.py enumerates it.
+// How the launchers run a row of `hidden` elements: vec elements per access (the widest of 16, 8
+// or 4 bytes that divides the row and that every pointer's alignment allows, else 1), nv packs per
+// thread (1, 2, 4 or 8) and `threads` per block (a multiple of 32, at most 1024).
+// layernorm_fwd_kernel<T, vec, nv> and layernorm_bwd_kernel<T, vec, nv> are launched with it;
+// scripts/kernel_report.py enumerates it. max_access_bytes: the widest access the pointers allow
+// (16 when all are 16-byte aligned); weight and bias, fp32, are read vec floats at a time.
 struct LayerNormConfig {
   int vec;
   int nv;
   int threads;
 };
 
-constexpr LayerNormConfig layernorm_config(int64_t hidden, DType dtype, bool pointers_aligned) {
+constexpr int kLayerNormAccessBytes[] = {16, 8, 4};  // the vector widths tried, widest first
+
+constexpr LayerNormConfig layernorm_config(int64_t hidden, DType dtype, int max_access_bytes) {
   LayerNormConfig c{};
-  const int wide = 16 / dtype_size(dtype);
-  c.vec = (pointers_aligned && hidden % wide == 0) ? wide : 1;
+  c.vec = 1;
+  for (int bytes : kLayerNormAccessBytes) {
+    const int vec = bytes / dtype_size(dtype);
+    if (vec >= 2 && bytes <= max_access_bytes && hidden % vec == 0) {
+      c.vec = vec;
+      break;
+    }
+  }
   const int64_t packs = hidden / c.vec;
   c.nv = 1;
   while (c.nv < 8 && ceil_div(packs, c.nv) > 512) c.nv *= 2;  // keep blocks at most 512 threads when we can
   c.threads = static_cast<int>(ceil_div(ceil_div(packs, c.nv), 32) * 32);
   // hidden <= kLayerNormMaxHidden gives nv <= 2 (16-bit) or 4 (fp32) with 16-byte packs, and
-  // threads > 512 only with nv * vec <= 8, within the kernels' __launch_bounds__.
+  // threads > 512 only with vec 1 and nv 8, within the kernels' __launch_bounds__/__maxnreg__.
   return c;
 }
 
@@ -46,8 +56,10 @@ constexpr int layernorm_max_packs_per_thread(int vec) {
   return nv;
 }
 
-// Block of the backward's second kernel (the dweight/dbias reduction): 32 columns x 8 row groups.
-constexpr int kLayerNormReduceCols = 32, kLayerNormReduceRows = 8;
+// Block of the backward's second kernel (the dweight/dbias reduction): 8 columns (a warp reads 4
+// rows of 32 bytes, whole sectors) x 32 row groups; grid ceil(hidden / 8) x 2 (dweight, dbias),
+// 192 blocks at hidden 768, enough for every SM.
+constexpr int kLayerNormReduceCols = 8, kLayerNormReduceRows = 32;
 
 struct LayerNormFwdParams {
   const void* x;          // [rows, hidden], contiguous, dtype
@@ -81,7 +93,9 @@ struct LayerNormBwdParams {
   cudaStream_t stream;
 };
 
-// Rows of the backward's workspace (one per thread block of its first kernel) on the current device.
+// Rows of the backward's workspace (one per thread block of its first kernel) on the current device:
+// as many blocks as fit on the GPU at once (cudaOccupancyMaxActiveBlocksPerMultiprocessor of the
+// kernel the launcher picks for 16-byte-aligned pointers, times the SM count), at most rows.
 int64_t layernorm_bwd_num_partials(int64_t rows, int64_t hidden, DType dtype);
 
 cudaError_t layernorm_fwd(const LayerNormFwdParams& p);

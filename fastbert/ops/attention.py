@@ -357,23 +357,34 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor = None, *,
-              dropout_p: float = 0.0, scale: float = None, training: bool = False) -> torch.Tensor:
+              dropout_p: float = 0.0, scale: float = None, training: bool = False,
+              packing: Packing = None) -> torch.Tensor:
     """Self-attention of a padded batch: q, k, v [batch, seq, heads, head_dim] -> same shape.
 
     attention_mask [batch, seq]: 1 = token, 0 = padding. On the kernel path padded positions of the
-    output are zero (see the module docstring).
+    output are zero (see the module docstring). The kernel path packs the real tokens: `packing`, a
+    `Packing` of attention_mask on q's device built by the caller on the host (the model builds one
+    per forward for all its layers), spares it building one; else it is built on the host from the
+    mask (for a CUDA mask: one copy to the host, a sync). The twin ignores `packing`.
     """
     _check_qkv(q, k, v, 4)
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(q.shape[:2]):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {tuple(q.shape[:2])}")
+    if packing is not None:
+        if not isinstance(packing, Packing):
+            raise TypeError(f"packing must be a fastbert Packing, got {type(packing).__name__}")
+        if packing.batch != q.shape[0] or packing.max_seqlen > q.shape[1] or packing.indices.device != q.device:
+            raise ValueError(f"packing describes {packing.batch} sequences of at most {packing.max_seqlen} tokens on "
+                             f"{packing.indices.device}; q holds {q.shape[0]} of {q.shape[1]} on {q.device}: build it "
+                             "with Packing.from_mask(attention_mask).to(q.device)")
     scale, p = _scale_and_p(q, dropout_p, scale, training)
     if not _use_kernel(q, k, v):
         return attention_twin(q, k, v, attention_mask, p, scale, training)
     batch, seq, heads, dim = q.shape
-    if attention_mask is None:
+    if packing is None and attention_mask is None:
         packing = Packing.full(batch, seq, q.device)
-    else:
-        packing = Packing.from_mask(attention_mask.to(device=q.device))  # two host syncs
+    elif packing is None:  # on the host: a CUDA mask costs one copy (a sync), not nonzero's and max's two
+        packing = Packing.from_mask(attention_mask.cpu()).to(q.device, non_blocking=True)
     packed = [packing.pack(t) for t in (q, k, v)]
     out = attention_varlen(*packed, packing.cu_seqlens, packing.max_seqlen, dropout_p=p, scale=scale,
                            training=training, check=False)

@@ -1,0 +1,72 @@
+"""scripts/traffic_report.py: the byte counting on ops with known sizes, and the report on a tiny
+layer (fastbert's kernel path and transformers' sdpa path, on fake tensors)."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT
+from fastbert import _backend
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("traffic_report", ROOT / "scripts" / "traffic_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TR = _load()
+
+
+def test_known_bytes_per_op():
+    a = torch.randn(10, 20)
+    b = torch.randn(20)
+    h = torch.randn(6, 4)
+
+    def ops():
+        c = a + b  # reads 800 + 80 (b broadcast: its own 20 elements), writes 800
+        c.view(20, 10).t()  # views: nothing moves, not listed
+        c.mul_(2.0)  # in place: reads 800, writes the same 800
+        torch.nn.functional.layer_norm(h, (4,))  # in 96 B; out 96 + mean and rstd, 6 rows each
+
+    traffic = TR.count(ops)
+    rows = {name: (kind, c.calls, c.read, c.written) for name, kind, c in traffic.rows()}
+    assert rows["aten.add"] == ("memory-bound", 1, 880, 800)
+    assert rows["aten.mul_"] == ("memory-bound", 1, 800, 800)
+    assert rows["aten.native_layer_norm"] == ("memory-bound", 1, 96, 96 + 6 * 4 * 2)
+    assert list(traffic.ops) == ["aten.add", "aten.mul_", "aten.native_layer_norm"]  # views move nothing
+    assert traffic.total_bytes() == 880 + 800 + 1600 + 96 + 144
+    assert traffic.calls("memory-bound") == 3
+    assert TR.tensor_bytes(b.expand(10, 20)) == 80 and TR.tensor_bytes(a.t()) == 800
+
+
+def test_kinds():
+    assert [TR.kind_of(n) for n in ("aten.addmm", "aten.add_", "aten.transpose", "prim.device",
+                                    "fastbert.attention_varlen_bwd", "aten._scaled_dot_product_flash_attention",
+                                    "fastbert.layernorm_fwd")] == \
+        ["matmul", "memory-bound", "view", "view", "attention", "attention", "memory-bound"]
+
+
+@pytest.mark.skipif(not _backend.has_op("layernorm_fwd"), reason="fastbert._C is not built")
+def test_tiny_layer_report(tmp_path, capsys):
+    tokens, hidden, heads, inter = 2 * 8, 64, 2, 96
+    out = tmp_path / "t.json"
+    assert TR.main(["--hidden", str(hidden), "--heads", str(heads), "--intermediate", str(inter), "--seq", "8",
+                    "--batch", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Counted (not timed)" in text and "fastbert.layernorm_fwd" in text
+    report = json.loads(out.read_text())
+    fb, tf = report["fastbert"]["ops"], report["transformers"]["ops"]
+    # fastbert's fused residual LayerNorm, bf16: reads x, residual, weight, bias; writes y, x + residual, mean, rstd
+    act = tokens * hidden * 2
+    assert fb["fastbert.layernorm_fwd"] == {"kind": "memory-bound", "calls": 2, "read_bytes": 2 * (2 * act + 2 * hidden * 2),
+                                            "written_bytes": 2 * (2 * act + 2 * tokens * 4)}
+    assert fb["fastbert.attention_varlen_fwd"]["calls"] == 1 and fb["fastbert.attention_varlen_bwd"]["calls"] == 1
+    assert tf["aten.native_layer_norm"]["calls"] == 2 and tf["aten._scaled_dot_product_flash_attention"]["calls"] == 1
+    # the same six projections (addmm forward, mm backward) in both: the same matmul bytes
+    for op in ("aten.addmm", "aten.mm"):
+        assert fb[op] == tf[op]
+    assert report["memory_bound_ops_ratio"] == pytest.approx(
+        report["fastbert"]["memory_bound_ops"] / report["transformers"]["memory_bound_ops"])
