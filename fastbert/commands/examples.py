@@ -94,6 +94,9 @@ def run(args):
                                        missing=missing)
     out = sys.stdout
     if args.jsonl:
+        if missing:
+            from fastbert.scoring import describe_missing
+            print(f"fastbert examples: {describe_missing(args.model, missing)}", file=sys.stderr)
         for r in rows:
             record = {
                 "tokens": tokenizer.convert_ids_to_tokens(r["input_ids"]),
@@ -119,6 +122,9 @@ def run(args):
         header.append(f"model: {args.model} ({model.num_parameters() / 1e6:.1f}M parameters), eval mode, each example "
                       f"scored on its own; under each labelled position: its top {args.top_k} predictions with "
                       "probabilities, p(target) and loss = -log p(target)")
+        if missing:
+            from fastbert.scoring import describe_missing
+            header.append(describe_missing(args.model, missing))
     out.write(render(rows, tokenizer, width=width, header=header, top_k=args.top_k, missing=missing))
     return 0
 
@@ -138,8 +144,6 @@ def _load_model(path):
         check_tokenizer(model, tokenizer, path)
     except ScoringError as e:
         raise CLIError(str(e)) from None
-    if missing:
-        print(f"fastbert examples: {describe_missing(path, missing)}", file=sys.stderr)
     return model, missing
 
 
