@@ -26,8 +26,11 @@ def load_pretraining_model(path):
         raise ScoringError(f"--model {path} is not a directory; expected a model directory holding config.json, "
                            "the weights and the tokenizer (such as a run's model/)")
     if not os.path.isfile(os.path.join(path, "config.json")):
+        inner = os.path.join(path, "model")
+        hint = (f" (a run directory keeps its model in model/: --model {inner})"
+                if os.path.isfile(os.path.join(inner, "config.json")) else "")
         raise ScoringError(f"--model {path} holds no config.json; expected a BERT model directory saved by "
-                           "fastbert or transformers")
+                           f"fastbert or transformers{hint}")
     with warnings.catch_warnings():  # the missing heads are reported by name below, not as a warning
         warnings.simplefilter("ignore")
         model, info = BertForPreTraining.from_pretrained(path, output_loading_info=True)

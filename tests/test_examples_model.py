@@ -197,11 +197,13 @@ def _broken(trained, tmp_path, what):
     ("tokenizer", [], "config.json says vocab_size"),
     ("no-tokenizer", [], "has no tokenizer"),
     ("no-config", [], "holds no config.json"),
+    ("run-dir", [], "keeps its model in model/"),
     ("ok", ["--vocab-size", "100"], "drop --tokenizer/--vocab-size"),
     ("ok", ["--top-k", "0"], "--top-k must be at least 1"),
 ])
 def test_bad_input_one_line(trained, cache, capsys, tmp_path, what, extra, message):
-    path = tmp_path / "nowhere" if what == "missing" else trained if what == "ok" else _broken(trained, tmp_path, what)
+    paths = {"missing": tmp_path / "nowhere", "ok": trained, "run-dir": trained.parent}
+    path = paths[what] if what in paths else _broken(trained, tmp_path, what)
     code, out, err = examples(capsys, "--model", path, "--num", 1, "--seq-len", 64, "--cache-dir", cache, *extra)
     assert code == 2 and out == ""
     assert err.startswith("fastbert examples: error:") and message in err, err
