@@ -97,7 +97,7 @@ def adapt_keys(state, model):
     return state
 
 
-def load_model(cls, path, *, config=None, map_location="cpu", **config_overrides):
+def load_model(cls, path, *, config=None, map_location="cpu", output_loading_info=False, **config_overrides):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise OSError(f"{path} does not exist; expected a model directory holding config.json and weights")
@@ -124,4 +124,7 @@ def load_model(cls, path, *, config=None, map_location="cpu", **config_overrides
         warnings.warn(f"{weights_file} holds {len(unexpected)} weights {cls.__name__} does not use: "
                       f"{', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}", stacklevel=3)
     model.tie_weights()
-    return model.to(map_location) if map_location not in (None, "cpu") else model
+    model = model.to(map_location) if map_location not in (None, "cpu") else model
+    if output_loading_info:  # as transformers: the keys left newly initialized and the ones not used
+        return model, {"missing_keys": missing, "unexpected_keys": unexpected}
+    return model

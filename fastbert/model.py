@@ -334,11 +334,13 @@ class BertPreTrainedModel(nn.Module):
         checkpoint.save_model(self, directory)
 
     @classmethod
-    def from_pretrained(cls, path, *, config=None, map_location="cpu", **config_overrides):
+    def from_pretrained(cls, path, *, config=None, map_location="cpu", output_loading_info=False, **config_overrides):
         """Load a model directory written by fastbert or transformers (config.json plus
-        model.safetensors, a sharded safetensors index, or pytorch_model.bin)."""
+        model.safetensors, a sharded safetensors index, or pytorch_model.bin). With
+        `output_loading_info`, returns (model, {"missing_keys", "unexpected_keys"}) as transformers."""
         from fastbert import checkpoint
-        return checkpoint.load_model(cls, path, config=config, map_location=map_location, **config_overrides)
+        return checkpoint.load_model(cls, path, config=config, map_location=map_location,
+                                     output_loading_info=output_loading_info, **config_overrides)
 
 
 class BertModel(BertPreTrainedModel):

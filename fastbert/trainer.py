@@ -472,7 +472,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self):
         self.model.eval()
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # mlm loss*n, mlm right, n, nsp right, seqs
+        # mlm loss*n, mlm right, n, nsp right, seqs, nsp loss*seqs, NotNext labels
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
         for seq_len, eval_batches in zip([p[0] for p in self.phases], self.eval_sets):
             for batch in eval_batches:
                 batch = self._to_device(batch)
@@ -480,14 +481,19 @@ class Trainer:
                     out = self.model(**batch)
                 n = batch["masked_positions"].numel()
                 labels = batch["labels"].reshape(-1)[batch["masked_positions"]]
+                nsp = batch["next_sentence_label"]
                 sums += torch.stack([out.mlm_loss.double() * n, (out.prediction_logits.argmax(-1) == labels).sum().double(),
                                      torch.tensor(n, dtype=torch.float64, device=self.device),
-                                     (out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum().double(),
-                                     torch.tensor(len(batch["next_sentence_label"]), dtype=torch.float64, device=self.device)])
+                                     (out.seq_relationship_logits.argmax(-1) == nsp).sum().double(),
+                                     torch.tensor(len(nsp), dtype=torch.float64, device=self.device),
+                                     out.nsp_loss.double() * len(nsp), nsp.sum().double()])
         self.model.train()
         s = sums.tolist()
+        seqs = max(s[4], 1)
+        # eval_nsp_majority: the NSP accuracy of always answering the commoner label of these pairs
         return {"eval_mlm_loss": s[0] / max(s[2], 1), "eval_mlm_accuracy": s[1] / max(s[2], 1),
-                "eval_nsp_accuracy": s[3] / max(s[4], 1)}
+                "eval_nsp_loss": s[5] / seqs, "eval_nsp_accuracy": s[3] / seqs,
+                "eval_nsp_majority": max(s[6], s[4] - s[6]) / seqs}
 
     def train(self):
         """Train to --steps (or --stop-at-step). Ctrl-C or SIGTERM stops at the next step boundary with a
@@ -506,7 +512,7 @@ class Trainer:
             bar = tqdm(total=a.steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
         self.model.train()
         stream_key, stream = None, None
-        window = {"sums": torch.zeros(6, dtype=torch.float64, device=self.device), "tokens": 0, "steps": 0,
+        window = {"sums": torch.zeros(7, dtype=torch.float64, device=self.device), "tokens": 0, "steps": 0,
                   "t0": time.perf_counter()}
         saved = getattr(self, "_saved_window", None)
         if saved and saved["steps"]:  # resumed between two log lines: the next line covers the same steps
@@ -602,7 +608,8 @@ class Trainer:
                     out.loss.detach().double(), out.mlm_loss.detach().double(), out.nsp_loss.detach().double(),
                     (out.prediction_logits.argmax(-1) == labels).sum().double() / max(n, 1),
                     (out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).float().mean().double(),
-                    torch.ones((), dtype=torch.float64, device=self.device)])
+                    torch.ones((), dtype=torch.float64, device=self.device),
+                    batch["next_sentence_label"].double().mean()])
             total += out.loss.detach().float() / a.grad_accum
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
@@ -623,7 +630,9 @@ class Trainer:
         elapsed = time.perf_counter() - window["t0"]
         tps = window["tokens"] / max(elapsed, 1e-9)
         record = {"step": self.step, "loss": s[0] / n, "mlm_loss": s[1] / n, "nsp_loss": s[2] / n,
-                  "mlm_accuracy": s[3] / n, "nsp_accuracy": s[4] / n, "lr": self.scheduler.get_last_lr()[0],
+                  "mlm_accuracy": s[3] / n, "nsp_accuracy": s[4] / n,
+                  "nsp_majority": max(s[6], n - s[6]) / n,  # always answering the window's commoner label
+                  "lr": self.scheduler.get_last_lr()[0],
                   "tokens_per_s": tps, "grad_norm": float(window.get("grad_norm", float("nan"))),
                   "seq_len": seq_len, "time": time.time()}
         window.update(sums=torch.zeros_like(sums), tokens=0, steps=0, t0=time.perf_counter(), last_tps=tps)

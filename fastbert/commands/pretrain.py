@@ -85,7 +85,7 @@ def format_summary(s):
                      f"{s['tokens_per_s']:,.0f} tokens/s")
     if s.get("eval_mlm_loss") is not None:
         lines.append(f"  held-out: MLM loss {s['eval_mlm_loss']:.3f}, MLM accuracy {s['eval_mlm_accuracy']:.1%}, "
-                     f"NSP accuracy {s['eval_nsp_accuracy']:.1%}")
+                     f"NSP accuracy {s['eval_nsp_accuracy']:.1%} (majority-class rate {s['eval_nsp_majority']:.1%})")
     lines.append(f"  outputs in {s['out']}: model/ (transformers format), metrics.jsonl, training.png, checkpoint.pt")
     if s["interrupted"]:
         lines.append(f"  continue with: {resume_command(s['out'])}")
