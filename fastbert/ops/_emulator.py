@@ -81,17 +81,19 @@ def available() -> bool:
 
 
 def load(path=None, build: bool = True):
-    """Loads the emulator library (building the default one first if it is missing)."""
+    """Loads the emulator library (building the default one first if it is missing or older than csrc/)."""
     global _lib
     with _lock:
         if _lib is not None and path is None:
             return _lib
         path = Path(path) if path is not None else library_path()
-        if not path.exists():
-            if not build or "FASTBERT_EMULATE_LIB" in os.environ:
-                raise FileNotFoundError(f"the kernel emulator is not built: {path} does not exist "
-                                        "(run `bash scripts/emulate.sh` or `python -m fastbert.ops._emulator_build`)")
+        if build and "FASTBERT_EMULATE_LIB" not in os.environ and path == _emulator_build.library_path("default"):
+            # a no-op when the library is up to date; after a change to csrc/ the changed files are
+            # recompiled, so a stale library (missing a new entry point) is never loaded
             path = _emulator_build.build("default")
+        elif not path.exists():
+            raise FileNotFoundError(f"the kernel emulator is not built: {path} does not exist "
+                                    "(run `bash scripts/emulate.sh` or `python -m fastbert.ops._emulator_build`)")
         lib = ctypes.CDLL(str(path))
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
