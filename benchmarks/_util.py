@@ -77,8 +77,25 @@ def gbps(nbytes: int, ms: float) -> float:
     return nbytes / (ms / 1e3) / 1e9
 
 
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def device_slug() -> str:
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+    return slug(torch.cuda.get_device_name(0))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or platform's answer elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def report(bench, case, ms, nbytes, baseline_ms, copy_gbps) -> dict:

@@ -9,7 +9,9 @@ CUDA GPU is visible) and uses:
   copy_gbps      session fixture: device-to-device copy bandwidth in GB/s (bytes read + written),
                  measured once per session on a 1 GiB buffer with CUDA events: the roofline.
   bench_record   fixture: bench_record(bench, case, ms, *, gbps=None, tflops=None, baseline,
-                 baseline_ms, impl="fastbert", **extra) collects one result. At the end of the
+                 baseline_ms, impl="fastbert", device="cuda", **extra) collects one result
+                 (device="cpu" for a CPU benchmark: its rows go to benchmarks/results/cpu-<cpu
+                 model>.json, the CPU's name as "device"). At the end of the
                  session the results are merged into benchmarks/results/<device-slug>.json:
                  {"device", "torch", "commit", "date", "copy_gbps", "results": [...]}, where a row
                  measured now replaces the stored row of the same (bench, case, impl, baseline)
@@ -24,6 +26,7 @@ CUDA GPU is visible) and uses:
 """
 import datetime
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -61,8 +64,9 @@ def copy_gbps():
 
 @pytest.fixture
 def bench_record():
-    def record(bench, case, ms, *, gbps=None, tflops=None, baseline, baseline_ms, impl="fastbert", **extra):
-        row = {"bench": bench, "case": case, "impl": impl, "ms": ms}
+    def record(bench, case, ms, *, gbps=None, tflops=None, baseline, baseline_ms, impl="fastbert", device="cuda",
+               **extra):
+        row = {"bench": bench, "case": case, "impl": impl, "ms": ms, "_device": device}
         if gbps is not None:
             row["gbps"] = gbps
         if tflops is not None:
@@ -75,20 +79,26 @@ def bench_record():
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not _records:
-        return
-    from _util import device_slug
+    from _util import cpu_name, device_slug, slug
 
-    meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "commit": _commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "copy_gbps": _session.get("copy_gbps")}
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{device_slug()}.json"
-    old = json.loads(path.read_text()).get("results", []) if path.exists() else []
-    key = lambda r: (r["bench"], r["case"], r["impl"], r.get("baseline"))  # noqa: E731
-    new = [{**r, "torch": meta["torch"], "commit": meta["commit"], "date": meta["date"],
-            "copy_gbps": meta["copy_gbps"]} for r in _records]
-    fresh = {key(r) for r in new}
-    merged = [r for r in old if key(r) not in fresh] + new
-    path.write_text(json.dumps({**meta, "results": merged}, indent=2) + "\n")
-    print(f"\nbenchmark results: {path}")
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    for kind in ("cuda", "cpu"):
+        records = [{k: v for k, v in r.items() if k != "_device"} for r in _records if r["_device"] == kind]
+        if not records:
+            continue
+        if kind == "cuda":
+            meta = {"device": torch.cuda.get_device_name(0), "copy_gbps": _session.get("copy_gbps")}
+            path = RESULTS_DIR / f"{device_slug()}.json"
+        else:
+            meta = {"device": f"{cpu_name()}, {os.cpu_count()} logical cores", "copy_gbps": None}
+            path = RESULTS_DIR / f"cpu-{slug(cpu_name())}.json"
+        meta.update(torch=torch.__version__, commit=_commit(), date=date)
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        old = json.loads(path.read_text()).get("results", []) if path.exists() else []
+        key = lambda r: (r["bench"], r["case"], r["impl"], r.get("baseline"))  # noqa: E731
+        new = [{**r, "torch": meta["torch"], "commit": meta["commit"], "date": meta["date"],
+                "copy_gbps": meta["copy_gbps"]} for r in records]
+        fresh = {key(r) for r in new}
+        merged = [r for r in old if key(r) not in fresh] + new
+        path.write_text(json.dumps({**meta, "results": merged}, indent=2) + "\n")
+        print(f"\nbenchmark results: {path}")

@@ -315,3 +315,80 @@ def test_padded_entry_kernel_path_on_cpu(seed, monkeypatch, dropout_p):
     assert (out[~real] == 0).all()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- the fast CPU path
+
+
+def _padded_case(dtype):
+    batch, seq, heads, dim = 5, 13, 3, 16
+    q, k, v = (torch.randn(batch, seq, heads, dim, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, 1:] = 0
+    mask[3, :] = 0  # a sequence with no token
+    mask[4, ::3] = 0  # holes
+    return q, k, v, mask, torch.randn(batch, seq, heads, dim, dtype=dtype)
+
+
+def test_cpu_fast_path_equals_twin(seed):
+    """attention() off the kernel runs attention_fast (SDPA), which gives the twin's outputs and
+    gradients; for a sequence with no token the twin's dq, dk come from rounding (its scores are
+    drowned by the mask), the fast path's are the exact zeros of a constant function."""
+    q, k, v, mask, grad = _padded_case(torch.float32)
+    tol = dict(atol=1e-6, rtol=1e-5)
+    for m in (mask, None):
+        out = A.attention(q, k, v, m, scale=0.3)
+        ref = A.attention_twin(q, k, v, m, scale=0.3)
+        torch.testing.assert_close(out, ref, **tol)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        want = torch.autograd.grad(ref, (q, k, v), grad)
+        live = torch.ones(q.shape[0], dtype=torch.bool) if m is None else m.bool().any(1)
+        for name, a, b in zip("qkv", got, want):
+            torch.testing.assert_close(a[live], b[live], **tol, msg=name)
+        torch.testing.assert_close(got[2], want[2], **tol)  # dv everywhere
+        assert (got[0][~live] == 0).all() and (got[1][~live] == 0).all()
+
+
+def test_cpu_fast_path_dropout_draws_as_the_twin(seed):
+    """In training with dropout the fast path draws the twin's (transformers' eager) dropout mask."""
+    q, k, v, mask, grad = _padded_case(torch.float32)
+    torch.manual_seed(seed)
+    out = A.attention(q, k, v, mask, dropout_p=0.3, training=True)
+    torch.manual_seed(seed)
+    ref = A.attention_twin(q, k, v, mask, dropout_p=0.3, training=True)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_paths_do_not_run_the_twins(seed, monkeypatch):
+    """The twins are the reference only: the public entries on the CPU never call them."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a twin ran on the CPU path")
+
+    monkeypatch.setattr(A, "attention_twin", refuse)
+    monkeypatch.setattr(A, "varlen_reference", refuse)
+    q, k, v, mask, _ = _padded_case(torch.float32)
+    A.attention(q, k, v, mask)
+    A.attention(q, k, v, mask, dropout_p=0.1, training=True)
+    qp, kp, vp, cu, max_len = packed([3, 0, 8, 1])
+    A.attention_varlen(qp, kp, vp, cu, max_len)
+
+
+@pytest.mark.parametrize("lengths", [[5, 0, 11, 1], [7], [0, 0, 3]])
+def test_cpu_varlen_fast_equals_reference(seed, lengths):
+    q, k, v, cu, max_len = packed(lengths, heads=3, dim=16)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    grad = torch.randn_like(q)
+    out = A.attention_varlen(q, k, v, cu, max_len, scale=0.25)
+    ref = A.varlen_reference(q, k, v, cu, 0.25)[0]
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # with dropout: a real mask, the expectation unchanged (the mean over many draws)
+    with torch.no_grad():
+        draws = torch.stack([A.attention_varlen(q, k, v, cu, max_len, scale=0.25, dropout_p=0.5, training=True)
+                             for _ in range(400)])
+    assert not torch.equal(draws[0], draws[1])
+    torch.testing.assert_close(draws.mean(0), ref.detach(), atol=0.25, rtol=0)

@@ -24,7 +24,7 @@ def test_default_is_padded_on_cpu_and_the_switch_is_honoured(seed):
     config = random_config()
     model = BertModel(config)
     ids, *_ = make_batch(config, [5, 3])
-    assert model.padding_free is None and not model.use_padding_free(ids)  # no CUDA kernel here
+    assert model.padding_free is None and not model.use_padding_free(ids)  # no CUDA kernel here: padded
     model.padding_free = True
     assert model.use_padding_free(ids)
     # BertForPreTraining hands its setting to its BertModel
@@ -33,6 +33,30 @@ def test_default_is_padded_on_cpu_and_the_switch_is_honoured(seed):
     ids, mask, tt, labels, nsp = make_batch(config, [5, 3])
     pre(ids, mask, tt, labels=labels, next_sentence_label=nsp)
     assert pre.bert.padding_free is True
+
+
+def test_cpu_default_is_padding_free_for_pretraining_with_labels_and_padding(seed, monkeypatch):
+    """On the CPU, BertForPreTraining with labels takes the padding-free path from 10% padding on
+    (where it was measured faster), and the padded one otherwise; the loss is the padded path's."""
+    from fastbert import ops
+    config = random_config()
+    model = BertForPreTraining(config).eval()
+    calls = []
+    varlen = ops.attention_varlen
+    monkeypatch.setattr(ops, "attention_varlen", lambda *a, **k: calls.append(1) or varlen(*a, **k))
+    ids, mask, tt, labels, nsp = make_batch(config, [20, 12, 17])  # 18% padding
+    free = model(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    assert len(calls) == config.num_hidden_layers
+    model.padding_free = False
+    padded = model(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    torch.testing.assert_close(free.loss, padded.loss, **TOL)
+    model.padding_free = None
+    calls.clear()
+    for kwargs in ({}, {"labels": labels, "output_hidden_states": True}):  # padding rows are returned
+        model(ids, mask, tt, **kwargs)
+    ids, mask, tt, labels, nsp = make_batch(config, [20, 20, 19])  # 2% padding
+    model(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    assert not calls
 
 
 def test_bert_model_outputs_equal_padded(seed):

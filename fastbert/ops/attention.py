@@ -9,8 +9,10 @@ Two entries:
 
 On CUDA, for float16/bfloat16 and head_dim 32, 64 or 128, both run the fused flash-style kernel
 of csrc/attention/ (the padded entry unpads with fastbert.ops.gather, runs the packed kernel and
-pads back). Anything else runs the pure-PyTorch twins below (with a one-time warning when a
-CUDA kernel exists but does not cover the shape or dtype).
+pads back). Anything else (the CPU above all) runs `attention_fast` / `varlen_fast`: the twins'
+function in fewer passes (torch's fused SDPA without dropout), with a one-time warning when a
+CUDA kernel exists but does not cover the shape or dtype. The twins (`attention_twin`,
+`varlen_reference`) stay the plain reference the tests check both against.
 
 Padding semantics differ in one place, which the model never reads: the twin (transformers'
 eager attention, an additive mask of the dtype's minimum) gives a padded *query* row attention
@@ -53,6 +55,66 @@ def attention_twin(q, k, v, attention_mask=None, dropout_p=0.0, scale=None, trai
     probs = torch.softmax(scores, dim=-1)
     probs = F.dropout(probs, p=dropout_p, training=training)
     return torch.matmul(probs, v).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- the fast non-kernel path
+#
+# What runs where no CUDA kernel does (the CPU above all). The twins stay the plain reference;
+# these compute the same function with fewer passes over the [batch, heads, S, S] scores:
+# without dropout, one F.scaled_dot_product_attention call (its fused CPU kernel) with the
+# twin's additive mask, so a fully padded row stays finite exactly as in the twin; with dropout,
+# q·kᵀ·scale + mask in one baddbmm, softmax in place, then F.dropout, the call transformers'
+# eager attention makes, so the same seed draws the same dropout mask (SDPA's own dropout_p
+# runs its unfused math path on the CPU, about 10x slower, and draws differently).
+
+
+def attention_fast(q, k, v, attention_mask=None, dropout_p=0.0, scale=None, training=False):
+    """The twin's result for q, k, v [batch, seq, heads, head_dim] and a [batch, seq] key mask."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    bias = None if attention_mask is None else additive_mask(attention_mask, q.dtype)  # [batch, 1, 1, seq]
+    if not (training and dropout_p > 0.0):
+        if bias is not None:
+            # A sequence with no token: the twin attends uniformly over its padding (every score
+            # drowned by the mask). SDPA's backward recomputes the probabilities from a logsumexp
+            # the mask has drowned too, and would give them ~seq times too large; zero q and the
+            # mask there instead: the same uniform forward, and the gradient of a constant.
+            empty = (attention_mask == 0).all(dim=1)[:, None, None, None]
+            bias = bias.masked_fill(empty, 0.0)
+            q = q.masked_fill(empty, 0.0)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, seq, head_dim]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).transpose(1, 2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    batch, heads, seq, dim = q.shape
+    qf, kf, vf = (t.reshape(batch * heads, seq, dim) for t in (q, k, v))
+    if bias is None:
+        scores = torch.bmm(qf, kf.transpose(1, 2)).mul_(scale)
+    else:
+        bias = bias.expand(batch, heads, seq, seq).reshape(batch * heads, seq, seq)
+        scores = torch.baddbmm(bias, qf, kf.transpose(1, 2), alpha=scale)
+    probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=True)
+    return torch.bmm(probs, vf).view(batch, heads, seq, dim).transpose(1, 2)
+
+
+def varlen_fast(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, training=False):
+    """varlen attention without a Python loop over sequences and without the lse: the packed
+    q, k, v are scattered into a [batch, max_seqlen] batch, attended with attention_fast and
+    gathered back (differentiable; rows of an empty sequence do not exist)."""
+    total, heads, dim = q.shape
+    batch = cu_seqlens.shape[0] - 1
+    if total == 0 or batch == 0:
+        return q.new_zeros(q.shape)
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    seq_of_token = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths, output_size=total)
+    slot = seq_of_token * max_seqlen + (torch.arange(total, device=q.device) - cu[:-1][seq_of_token])
+    mask = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]
+
+    def pad(t):
+        out = t.new_zeros((batch * max_seqlen, heads, dim))
+        return out.index_put((slot,), t).view(batch, max_seqlen, heads, dim)
+
+    out = attention_fast(pad(q), pad(k), pad(v), mask, dropout_p, scale, training)
+    return out.reshape(batch * max_seqlen, heads, dim).index_select(0, slot)
 
 
 # ----------------------------------------------------------------------------- dropout mask twin
@@ -352,8 +414,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if _use_kernel(q, k, v):
         seed, offset = _draw_seed_offset() if p > 0.0 else (0, 0)
         return torch.ops.fastbert.attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale, p, seed, offset)[0]
-    out, _ = varlen_reference(q, k, v, cu_seqlens, scale, dropout_p=p, training=p > 0.0)
-    return out
+    return varlen_fast(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=p, training=p > 0.0)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor = None, *,
@@ -379,7 +440,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
                              "with Packing.from_mask(attention_mask).to(q.device)")
     scale, p = _scale_and_p(q, dropout_p, scale, training)
     if not _use_kernel(q, k, v):
-        return attention_twin(q, k, v, attention_mask, p, scale, training)
+        return attention_fast(q, k, v, attention_mask, p, scale, training)
     batch, seq, heads, dim = q.shape
     if packing is None and attention_mask is None:
         packing = Packing.full(batch, seq, q.device)
