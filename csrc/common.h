@@ -3,6 +3,17 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+// Launches and dynamic shared memory go through these two macros so that the kernel emulator
+// (csrc/emu/cuda_emu.h, which defines them first) can compile the kernels as host C++:
+//   FASTBERT_LAUNCH(grid, block, smem, stream, kernel<T>)(args...)  is  kernel<T><<<grid, block, smem, stream>>>(args...)
+//   FASTBERT_DYNAMIC_SHARED(T, name);  is  extern __shared__ __align__(16) T name[];
+#ifndef FASTBERT_LAUNCH
+#define FASTBERT_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+#ifndef FASTBERT_DYNAMIC_SHARED
+#define FASTBERT_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 namespace fastbert {
 
 // Element types the kernels accept; the binding file maps torch dtypes onto these.

@@ -3,6 +3,10 @@
 Kernels are used when fastbert._C was built with them, the inputs are on a CUDA device and
 kernels are enabled. `FASTBERT_KERNELS=0` in the environment or `fastbert.use_kernels(False)`
 forces the twins everywhere, so any result can be checked against them.
+
+Without a GPU the kernels can run on the CPU through the kernel emulator (fastbert/ops/_emulator.py):
+`FASTBERT_EMULATE=1` or `use_emulator(True)` makes the ops' CPU kernels the emulated CUDA kernels
+instead of the twins, and sends CPU tensors to them.
 """
 import contextlib
 import os
@@ -18,6 +22,7 @@ except ImportError as e:  # not built, or built against another torch
     _C_ERROR = str(e)
 
 _enabled = os.environ.get("FASTBERT_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+_emulate = os.environ.get("FASTBERT_EMULATE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def use_kernels(enabled: bool = True) -> None:
@@ -40,6 +45,40 @@ def kernels(enabled: bool):
         yield
     finally:
         _enabled = before
+
+
+def use_emulator(enabled: bool = True) -> None:
+    """Run the CUDA kernels on CPU tensors through the kernel emulator (on), or the twins (off, default)."""
+    global _emulate
+    _emulate = bool(enabled)
+
+
+def emulating() -> bool:
+    return _emulate and _enabled
+
+
+@contextlib.contextmanager
+def emulation(enabled: bool = True):
+    """`with fastbert._backend.emulation(): ...` runs the emulated kernels on CPU tensors inside."""
+    global _emulate
+    before = _emulate
+    _emulate = bool(enabled)
+    try:
+        yield
+    finally:
+        _emulate = before
+
+
+def cpu_kernel(name: str, twin):
+    """The CPU kernel registered for torch.ops.fastbert.<name>: the emulated CUDA kernel while
+    emulating, else the twin."""
+    def kernel(*args):
+        if emulating():
+            from fastbert.ops import _emulator
+            return getattr(_emulator, name)(*args)
+        return twin(*args)
+    kernel.__name__ = kernel.__qualname__ = f"{name}_cpu"
+    return kernel
 
 
 def extension_loaded() -> bool:
@@ -74,16 +113,21 @@ def cuda_ops():
 
 
 def use_kernel(name: str, *tensors) -> bool:
-    """Decide, at call time, whether op `name` runs its CUDA kernel for these inputs: kernels on,
-    CUDA inputs, a kernel compiled for the op, and a GPU the extension holds code for (else the
-    twin runs, with a one-time warning naming the reason)."""
-    if not (_enabled and all(t.is_cuda for t in tensors) and has_cuda_kernel(name)):
+    """Decide, at call time, whether op `name` runs its kernel for these inputs: kernels on, and
+    either CUDA inputs, a kernel compiled for the op and a GPU the extension holds code for (else
+    the twin runs, with a one-time warning naming the reason), or CPU inputs under the emulator."""
+    if not _enabled:
+        return False
+    if _emulate and has_op(name) and tensors and all(t.device.type == "cpu" for t in tensors):
+        return True
+    if not (all(t.is_cuda for t in tensors) and has_cuda_kernel(name)):
         return False
     why = device_problem(tensors[0].device) if tensors else None
     if why is not None:
         warn_once(f"device:{why}", f"fastbert: no CUDA kernels on this GPU: {why}; every op runs its PyTorch twin")
         return False
     return True
+
 
 
 # ----------------------------------------------------------------------------- the GPU under a kernel

@@ -25,6 +25,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "device_utils.cuh"
+
 namespace fastbert {
 namespace {
 
@@ -78,15 +80,7 @@ struct Elem<__half> {
   }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap();  // built for sm_80 and newer only
-#endif
+    mma_m16n8k16_f16(d, a, b0, b1);
   }
 };
 
@@ -98,15 +92,7 @@ struct Elem<__nv_bfloat16> {
   }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
+    mma_m16n8k16_bf16(d, a, b0, b1);
   }
 };
 
@@ -197,7 +183,7 @@ constexpr size_t fwd_smem_bytes() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionFwdParams p) {
   constexpr int kLd = D + 8;
-  extern __shared__ __align__(16) unsigned char smem[];
+  FASTBERT_DYNAMIC_SHARED(unsigned char, smem);
   T* sQ = reinterpret_cast<T*>(smem);  // [kBlockM][kLd]
   T* sK = sQ + kBlockM * kLd;          // [kBlockN][kLd]
   T* sVt = sK + kBlockN * kLd;         // [D][kLdT]
@@ -317,7 +303,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const AttentionBwdParams p) {
   static_assert(kBlockM == 64 && kBlockN == 64, "the transposed tiles are 64 tokens wide");
   constexpr int kLd = D + 8;
-  extern __shared__ __align__(16) unsigned char smem[];
+  FASTBERT_DYNAMIC_SHARED(unsigned char, smem);
   T* sK = reinterpret_cast<T*>(smem);  // [kBlockN][kLd]   K[key][d]
   T* sV = sK + kBlockN * kLd;          // [kBlockN][kLd]   V[key][d]
   T* sKt = sV + kBlockN * kLd;         // [D][kLdT]        K[key][d] at sKt[d][key]
@@ -474,7 +460,7 @@ cudaError_t launch_fwd(const AttentionFwdParams& p) {
   cudaError_t err = set_smem(attention_fwd_kernel<T, D>, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.max_seqlen, kBlockM)), p.heads, p.batch);
-  attention_fwd_kernel<T, D><<<grid, kThreads, smem, p.stream>>>(p);
+  FASTBERT_LAUNCH(grid, kThreads, smem, p.stream, attention_fwd_kernel<T, D>)(p);
   return cudaGetLastError();
 }
 
@@ -484,7 +470,7 @@ cudaError_t launch_bwd(const AttentionBwdParams& p) {
   cudaError_t err = set_smem(attention_bwd_kernel<T, D>, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.max_seqlen, kBlockN)), p.heads, p.batch);
-  attention_bwd_kernel<T, D><<<grid, kThreads, smem, p.stream>>>(p);
+  FASTBERT_LAUNCH(grid, kThreads, smem, p.stream, attention_bwd_kernel<T, D>)(p);
   return cudaGetLastError();
 }
 
@@ -524,7 +510,7 @@ cudaError_t attention_bwd(const AttentionBwdParams& p) {
 cudaError_t attention_dropout_mask(const AttentionDropoutMaskParams& p) {
   const int64_t n = static_cast<int64_t>(p.batch) * p.heads * p.max_seqlen * p.max_seqlen;
   if (n == 0) return cudaSuccess;
-  attention_dropout_mask_kernel<<<grid_size(n, 256), 256, 0, p.stream>>>(p);
+  FASTBERT_LAUNCH(grid_size(n, 256), 256, 0, p.stream, attention_dropout_mask_kernel)(p);
   return cudaGetLastError();
 }
 

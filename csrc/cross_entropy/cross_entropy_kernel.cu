@@ -144,9 +144,9 @@ cudaError_t cross_entropy_fwd(const CrossEntropyFwdParams& p) {
   if (p.classes < 1) return cudaErrorInvalidValue;
   const int threads = threads_for(p.classes, p.dtype), grid = grid_for(p.rows);
   switch (p.dtype) {
-    case DType::kFloat32: cross_entropy_fwd_kernel<float><<<grid, threads, 0, p.stream>>>(p); break;
-    case DType::kFloat16: cross_entropy_fwd_kernel<__half><<<grid, threads, 0, p.stream>>>(p); break;
-    default: cross_entropy_fwd_kernel<__nv_bfloat16><<<grid, threads, 0, p.stream>>>(p); break;
+    case DType::kFloat32: FASTBERT_LAUNCH(grid, threads, 0, p.stream, cross_entropy_fwd_kernel<float>)(p); break;
+    case DType::kFloat16: FASTBERT_LAUNCH(grid, threads, 0, p.stream, cross_entropy_fwd_kernel<__half>)(p); break;
+    default: FASTBERT_LAUNCH(grid, threads, 0, p.stream, cross_entropy_fwd_kernel<__nv_bfloat16>)(p); break;
   }
   return cudaGetLastError();
 }
@@ -155,9 +155,9 @@ cudaError_t cross_entropy_bwd(const CrossEntropyBwdParams& p) {
   if (p.rows == 0 || p.classes == 0) return cudaSuccess;
   const int threads = threads_for(p.classes, p.dtype), grid = grid_for(p.rows);
   switch (p.dtype) {
-    case DType::kFloat32: cross_entropy_bwd_kernel<float><<<grid, threads, 0, p.stream>>>(p); break;
-    case DType::kFloat16: cross_entropy_bwd_kernel<__half><<<grid, threads, 0, p.stream>>>(p); break;
-    default: cross_entropy_bwd_kernel<__nv_bfloat16><<<grid, threads, 0, p.stream>>>(p); break;
+    case DType::kFloat32: FASTBERT_LAUNCH(grid, threads, 0, p.stream, cross_entropy_bwd_kernel<float>)(p); break;
+    case DType::kFloat16: FASTBERT_LAUNCH(grid, threads, 0, p.stream, cross_entropy_bwd_kernel<__half>)(p); break;
+    default: FASTBERT_LAUNCH(grid, threads, 0, p.stream, cross_entropy_bwd_kernel<__nv_bfloat16>)(p); break;
   }
   return cudaGetLastError();
 }

@@ -74,7 +74,7 @@ template <typename Vec>
 struct LaunchGather {
   static void run(const GatherRowsParams& p) {
     const int64_t vecs = p.row_bytes / sizeof(Vec);
-    gather_rows_kernel<Vec><<<grid_size(p.num_index, kRowsPerBlock), kThreads, 0, p.stream>>>(
+    FASTBERT_LAUNCH(grid_size(p.num_index, kRowsPerBlock), kThreads, 0, p.stream, gather_rows_kernel<Vec>)(
         static_cast<const char*>(p.src), static_cast<char*>(p.dst), p.index, p.num_index, vecs,
         p.src_row_stride, p.dst_row_stride);
   }
@@ -84,7 +84,7 @@ template <typename Vec>
 struct LaunchScatter {
   static void run(const ScatterRowsParams& p) {
     const int64_t vecs = p.row_bytes / sizeof(Vec);
-    scatter_rows_kernel<Vec><<<grid_size(p.num_dst_rows, kRowsPerBlock), kThreads, 0, p.stream>>>(
+    FASTBERT_LAUNCH(grid_size(p.num_dst_rows, kRowsPerBlock), kThreads, 0, p.stream, scatter_rows_kernel<Vec>)(
         static_cast<const char*>(p.src), static_cast<char*>(p.dst), p.inverse, p.num_dst_rows, vecs,
         p.src_row_stride, p.dst_row_stride);
   }
@@ -103,7 +103,7 @@ cudaError_t scatter_rows(const ScatterRowsParams& p) {
   cudaError_t err = cudaMemsetAsync(p.inverse, 0xff, p.num_dst_rows * sizeof(int32_t), p.stream);
   if (err != cudaSuccess) return err;
   if (p.num_index > 0) {
-    build_inverse_kernel<<<grid_size(p.num_index, kThreads), kThreads, 0, p.stream>>>(
+    FASTBERT_LAUNCH(grid_size(p.num_index, kThreads), kThreads, 0, p.stream, build_inverse_kernel)(
         p.index, p.inverse, p.num_index);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;

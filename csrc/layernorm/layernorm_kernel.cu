@@ -237,14 +237,14 @@ cudaError_t with_packs_per_thread(int nv, Launch&& launch) {
 template <typename T, int VEC>
 cudaError_t launch_fwd(const LayerNormFwdParams& p, const Config& c, int grid) {
   return with_packs_per_thread<VEC>(c.nv, [&](auto nv) {
-    layernorm_fwd_kernel<T, VEC, decltype(nv)::value><<<grid, c.threads, 0, p.stream>>>(p);
+    FASTBERT_LAUNCH(grid, c.threads, 0, p.stream, layernorm_fwd_kernel<T, VEC, decltype(nv)::value>)(p);
   });
 }
 
 template <typename T, int VEC>
 cudaError_t launch_bwd(const LayerNormBwdParams& p, const Config& c, int grid) {
   return with_packs_per_thread<VEC>(c.nv, [&](auto nv) {
-    layernorm_bwd_kernel<T, VEC, decltype(nv)::value><<<grid, c.threads, 0, p.stream>>>(p);
+    FASTBERT_LAUNCH(grid, c.threads, 0, p.stream, layernorm_bwd_kernel<T, VEC, decltype(nv)::value>)(p);
   });
 }
 
@@ -295,7 +295,7 @@ cudaError_t layernorm_bwd(const LayerNormBwdParams& p) {
     if (err != cudaSuccess) return err;
   }
   const dim3 block(kReduceCols, kReduceRows);
-  layernorm_reduce_kernel<<<static_cast<unsigned>(ceil_div(p.hidden, kReduceCols)), block, 0, p.stream>>>(
+  FASTBERT_LAUNCH(static_cast<unsigned>(ceil_div(p.hidden, kReduceCols)), block, 0, p.stream, layernorm_reduce_kernel)(
       p.partial, partials, p.hidden, p.dweight, p.dbias);
   return cudaGetLastError();
 }

@@ -185,9 +185,12 @@ def attention_dropout_mask_twin(cu_seqlens, heads, max_seqlen, dropout_p, seed, 
 # ----------------------------------------------------------------------------- registration
 
 if _backend.has_op("attention_varlen_fwd"):
-    torch.library.register_kernel("fastbert::attention_varlen_fwd", "cpu", attention_varlen_fwd_twin)
-    torch.library.register_kernel("fastbert::attention_varlen_bwd", "cpu", attention_varlen_bwd_twin)
-    torch.library.register_kernel("fastbert::attention_dropout_mask", "cpu", attention_dropout_mask_twin)
+    torch.library.register_kernel("fastbert::attention_varlen_fwd", "cpu",
+                                  _backend.cpu_kernel("attention_varlen_fwd", attention_varlen_fwd_twin))
+    torch.library.register_kernel("fastbert::attention_varlen_bwd", "cpu",
+                                  _backend.cpu_kernel("attention_varlen_bwd", attention_varlen_bwd_twin))
+    torch.library.register_kernel("fastbert::attention_dropout_mask", "cpu",
+                                  _backend.cpu_kernel("attention_dropout_mask", attention_dropout_mask_twin))
 
     @torch.library.register_fake("fastbert::attention_varlen_fwd")
     def _attention_varlen_fwd_fake(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset):

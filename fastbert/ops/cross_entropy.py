@@ -53,9 +53,12 @@ def cross_entropy_bwd_inplace_twin(grad_loss, logits, labels, lse, ignore_index)
 # ----------------------------------------------------------------------------- registration
 
 if _backend.has_op("cross_entropy_fwd"):
-    torch.library.register_kernel("fastbert::cross_entropy_fwd", "cpu", cross_entropy_fwd_twin)
-    torch.library.register_kernel("fastbert::cross_entropy_bwd", "cpu", cross_entropy_bwd_twin)
-    torch.library.register_kernel("fastbert::cross_entropy_bwd_", "cpu", cross_entropy_bwd_inplace_twin)
+    torch.library.register_kernel("fastbert::cross_entropy_fwd", "cpu",
+                                  _backend.cpu_kernel("cross_entropy_fwd", cross_entropy_fwd_twin))
+    torch.library.register_kernel("fastbert::cross_entropy_bwd", "cpu",
+                                  _backend.cpu_kernel("cross_entropy_bwd", cross_entropy_bwd_twin))
+    torch.library.register_kernel("fastbert::cross_entropy_bwd_", "cpu",
+                                  _backend.cpu_kernel("cross_entropy_bwd_", cross_entropy_bwd_inplace_twin))
 
     @torch.library.register_fake("fastbert::cross_entropy_fwd")
     def _cross_entropy_fwd_fake(logits, labels, ignore_index):

@@ -31,8 +31,10 @@ def scatter_rows_twin(src: torch.Tensor, index: torch.Tensor, num_rows: int) -> 
 # ----------------------------------------------------------------------------- registration
 
 if _backend.has_op("gather_rows"):
-    torch.library.register_kernel("fastbert::gather_rows", "cpu", gather_rows_twin)
-    torch.library.register_kernel("fastbert::scatter_rows", "cpu", scatter_rows_twin)
+    torch.library.register_kernel("fastbert::gather_rows", "cpu",
+                                  _backend.cpu_kernel("gather_rows", gather_rows_twin))
+    torch.library.register_kernel("fastbert::scatter_rows", "cpu",
+                                  _backend.cpu_kernel("scatter_rows", scatter_rows_twin))
 
     @torch.library.register_fake("fastbert::gather_rows")
     def _gather_rows_fake(x, index):

@@ -59,8 +59,10 @@ def layernorm_bwd_twin(dy, h, mean, rstd, weight):
 # ----------------------------------------------------------------------------- registration
 
 if _backend.has_op("layernorm_fwd"):
-    torch.library.register_kernel("fastbert::layernorm_fwd", "cpu", layernorm_fwd_twin)
-    torch.library.register_kernel("fastbert::layernorm_bwd", "cpu", layernorm_bwd_twin)
+    torch.library.register_kernel("fastbert::layernorm_fwd", "cpu",
+                                  _backend.cpu_kernel("layernorm_fwd", layernorm_fwd_twin))
+    torch.library.register_kernel("fastbert::layernorm_bwd", "cpu",
+                                  _backend.cpu_kernel("layernorm_bwd", layernorm_bwd_twin))
 
     @torch.library.register_fake("fastbert::layernorm_fwd")
     def _layernorm_fwd_fake(x, residual, weight, bias, eps):

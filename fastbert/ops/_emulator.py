@@ -1,0 +1,378 @@
+"""The CUDA kernels run on the CPU: every op of fastbert.ops.OP_NAMES on CPU tensors through the
+kernel emulator (csrc/emu/, built by fastbert/ops/_emulator_build.py into build/emu/).
+
+`FASTBERT_EMULATE=1` in the environment, or `fastbert._backend.use_emulator(True)`, makes the ops'
+CPU kernels these emulated ones instead of the twins, so the ops, their autograd and the tests
+run the kernels' own source. Each function here mirrors its CUDA binding in csrc/bindings.cpp:
+the same checks, the same tensors handed to the same launcher (through csrc/emu/entries.cc).
+
+Settings (`configure(...)`, the `settings(...)` context manager, or the environment):
+  order  forward | reverse | warp | random   FASTBERT_EMULATE_ORDER (default forward)
+  seed   the random order's seed             FASTBERT_EMULATE_SEED (default 0)
+  arch   the architecture under test, 80, 86, 89, 90, 120 (its shared-memory limits)
+                                              FASTBERT_EMULATE_ARCH (default 90)
+  FASTBERT_EMULATE_LIB: the library to load (e.g. the AddressSanitizer build).
+"""
+import contextlib
+import ctypes
+import math
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from fastbert.ops import _emulator_build
+
+ORDERS = ("forward", "reverse", "warp", "random")
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CUDA_ERRORS = {1: "cudaErrorInvalidValue", 9: "cudaErrorInvalidConfiguration", 710: "cudaErrorAssert",
+                719: "cudaErrorLaunchFailure"}
+
+
+class EmulatorError(RuntimeError):
+    """An emulated kernel failed: a bad launch, a deadlock, a barrier or mask mismatch, a device
+    assert, a __trap(). The message names the kernel, the block and thread, and the source line."""
+
+
+_lock = threading.RLock()
+_lib = None
+_settings = {"order": os.environ.get("FASTBERT_EMULATE_ORDER", "forward").strip().lower(),
+             "seed": int(os.environ.get("FASTBERT_EMULATE_SEED", "0")),
+             "arch": int(os.environ.get("FASTBERT_EMULATE_ARCH", "90"))}
+
+_P, _I64, _I32, _F32, _U32, _U64 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint32,
+                                    ctypes.c_uint64)
+_SIGNATURES = {
+    "emu_gather_rows": [_P, _P, _P, _I64, _I64, _I64, _I64],
+    "emu_scatter_rows": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64],
+    "emu_layernorm_bwd_num_partials": [_I64, _I64, _I32],
+    "emu_layernorm_fwd": [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _F32, _I32],
+    "emu_layernorm_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I32],
+    "emu_cross_entropy_fwd": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I32],
+    "emu_cross_entropy_bwd": [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I32],
+    "emu_attention_fwd": [_P, _P, _P, _P, _P, _I32, _I32, _I32, _I32, _I64, _F32, _I32, _U32, _F32, _U64, _U32,
+                          _I32, _P, _P],
+    "emu_attention_bwd": [_P, _P, _P, _P, _P, _I32, _I32, _I32, _I32, _I64, _F32, _I32, _U32, _F32, _U64, _U32,
+                          _I32, _P, _P, _P, _P, _P, _P],
+    "emu_attention_dropout_mask": [_P, _P, _I32, _I32, _I32, _I32, _U32, _F32, _U64, _U32],
+    "emu_configure": [_I32, _U64, _I32],
+    "emu_last_error_message": [],
+    "emu_selftest": [_I32, _P, _P, _P],
+}
+
+
+def library_path() -> Path:
+    env = os.environ.get("FASTBERT_EMULATE_LIB")
+    return Path(env) if env else _emulator_build.library_path("default")
+
+
+def available() -> bool:
+    """True if the emulator library is built (or loaded)."""
+    return _lib is not None or library_path().exists()
+
+
+def load(path=None, build: bool = True):
+    """Loads the emulator library (building the default one first if it is missing)."""
+    global _lib
+    with _lock:
+        if _lib is not None and path is None:
+            return _lib
+        path = Path(path) if path is not None else library_path()
+        if not path.exists():
+            if not build or "FASTBERT_EMULATE_LIB" in os.environ:
+                raise FileNotFoundError(f"the kernel emulator is not built: {path} does not exist "
+                                        "(run `bash scripts/emulate.sh` or `python -m fastbert.ops._emulator_build`)")
+            path = _emulator_build.build("default")
+        lib = ctypes.CDLL(str(path))
+        for name, args in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = args
+            fn.restype = ctypes.c_int64 if name == "emu_layernorm_bwd_num_partials" else ctypes.c_int
+        lib.emu_last_error_message.restype = ctypes.c_char_p
+        _lib = lib
+        return lib
+
+
+def configure(order: str = None, seed: int = None, arch: int = None) -> None:
+    """Sets the thread order, the random order's seed and the emulated architecture."""
+    if order is not None and order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if arch is not None and (not isinstance(arch, int) or arch < 50):
+        raise ValueError(f"arch must be a compute capability like 80, 86 or 90, got {arch!r}")
+    with _lock:
+        for key, value in (("order", order), ("seed", seed), ("arch", arch)):
+            if value is not None:
+                _settings[key] = int(value) if key != "order" else value
+
+
+def current_settings() -> dict:
+    return dict(_settings)
+
+
+@contextlib.contextmanager
+def settings(order: str = None, seed: int = None, arch: int = None):
+    """`with settings(order="warp"): ...` runs the emulated kernels inside with these settings."""
+    with _lock:
+        before = dict(_settings)
+        configure(order, seed, arch)
+        try:
+            yield
+        finally:
+            _settings.update(before)
+
+
+def _configured():
+    lib = load()
+    if _settings["order"] not in ORDERS:
+        raise ValueError(f"FASTBERT_EMULATE_ORDER must be one of {ORDERS}, got {_settings['order']!r}")
+    lib.emu_configure(ORDERS.index(_settings["order"]), _settings["seed"] & (2 ** 64 - 1), _settings["arch"])
+    return lib
+
+
+def _call(op: str, name: str, *args):
+    with _lock:
+        lib = _configured()
+        rc = getattr(lib, name)(*args)
+        if rc != 0:
+            message = lib.emu_last_error_message().decode(errors="replace")
+            raise EmulatorError(f"fastbert {op} (emulated, sm_{_settings['arch']}): "
+                                f"{_CUDA_ERRORS.get(rc, f'CUDA error {rc}')}: {message or 'no message'}")
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _check_cpu(op, *tensors):
+    for t in tensors:
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"{op}: the emulated kernels take CPU tensors, got one on {t.device}")
+
+
+def _dtype(t, op):
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{op}: expected float32, float16 or bfloat16, got {t.dtype}")
+    return _DTYPES[t.dtype]
+
+
+def _dense_rows(x):
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+# ----------------------------------------------------------------------------- gather
+
+
+def _rows_and_index(x, index, op):
+    _check_cpu(op, x, index)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: expected a 2-d [rows, hidden] tensor, got {x.dim()}-d")
+    if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{op}: expected a 1-d int64 or int32 index, got {index.dim()}-d {index.dtype}")
+
+
+def gather_rows(x, index):
+    _rows_and_index(x, index, "gather_rows")
+    x = _dense_rows(x)
+    index = index.long().contiguous()
+    out = torch.empty((index.shape[0], x.shape[1]), dtype=x.dtype)
+    _call("gather_rows", "emu_gather_rows", _ptr(x), _ptr(out), _ptr(index), index.shape[0],
+          x.shape[1] * x.element_size(), x.stride(0) * x.element_size(), out.stride(0) * out.element_size())
+    return out
+
+
+def scatter_rows(src, index, num_rows):
+    _rows_and_index(src, index, "scatter_rows")
+    if src.shape[0] != index.shape[0]:
+        raise ValueError(f"scatter_rows: src has {src.shape[0]} rows but index has {index.shape[0]} entries")
+    src = _dense_rows(src)
+    index = index.long().contiguous()
+    out = torch.empty((num_rows, src.shape[1]), dtype=src.dtype)
+    inverse = torch.empty(num_rows, dtype=torch.int32)
+    _call("scatter_rows", "emu_scatter_rows", _ptr(src), _ptr(out), _ptr(index), _ptr(inverse), index.shape[0],
+          num_rows, src.shape[1] * src.element_size(), src.stride(0) * src.element_size(),
+          out.stride(0) * out.element_size())
+    return out
+
+
+# ----------------------------------------------------------------------------- layernorm
+
+
+def _fp32_param(p, hidden, what):
+    if p is None:
+        return None
+    if p.dim() != 1 or p.shape[0] != hidden:
+        raise ValueError(f"layernorm: {what} must have shape [{hidden}], got {tuple(p.shape)}")
+    return p.float().contiguous()
+
+
+def layernorm_fwd(x, residual, weight, bias, eps):
+    _check_cpu("layernorm_fwd", x, residual, weight, bias)
+    dtype = _dtype(x, "layernorm_fwd")
+    hidden = x.shape[-1]
+    x = x.contiguous()
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError("layernorm_fwd: residual must match x in shape and dtype")
+        residual = residual.contiguous()
+    weight, bias = _fp32_param(weight, hidden, "weight"), _fp32_param(bias, hidden, "bias")
+    rows = x.numel() // hidden if hidden else 0
+    y = torch.empty_like(x)
+    total = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    mean, rstd = torch.empty(rows), torch.empty(rows)
+    _call("layernorm_fwd", "emu_layernorm_fwd", _ptr(x), _ptr(residual), _ptr(weight), _ptr(bias), _ptr(y),
+          _ptr(total) if residual is not None else None, _ptr(mean), _ptr(rstd), rows, hidden, float(eps), dtype)
+    return y, total, mean, rstd
+
+
+def layernorm_bwd_num_partials(rows, hidden, dtype):
+    """Rows of the backward's workspace on the emulated architecture (one per block of its first kernel)."""
+    with _lock:
+        return _configured().emu_layernorm_bwd_num_partials(rows, hidden, _DTYPES[dtype])
+
+
+def layernorm_bwd(dy, h, mean, rstd, weight):
+    _check_cpu("layernorm_bwd", dy, h, mean, rstd, weight)
+    if dy.shape != h.shape or dy.dtype != h.dtype:
+        raise ValueError("layernorm_bwd: dy and h must match in shape and dtype")
+    dtype = _dtype(h, "layernorm_bwd")
+    hidden = h.shape[-1]
+    rows = h.numel() // hidden
+    dy, h = dy.contiguous(), h.contiguous()
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    weight = _fp32_param(weight, hidden, "weight")
+    partials = layernorm_bwd_num_partials(rows, hidden, h.dtype)
+    dx = torch.empty_like(h)
+    workspace = torch.empty((2, partials, hidden))
+    dweight, dbias = torch.empty(hidden), torch.empty(hidden)
+    _call("layernorm_bwd", "emu_layernorm_bwd", _ptr(dy), _ptr(h), _ptr(mean), _ptr(rstd), _ptr(weight), _ptr(dx),
+          _ptr(workspace), _ptr(dweight), _ptr(dbias), rows, hidden, dtype)
+    return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------- cross_entropy
+
+
+def _logits_labels(logits, labels, op):
+    _check_cpu(op, logits, labels)
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be 2-d [rows, classes], got {tuple(logits.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != logits.shape[0] or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{op}: labels must be int64/int32 [{logits.shape[0]}], got {tuple(labels.shape)}")
+
+
+def cross_entropy_fwd(logits, labels, ignore_index):
+    _logits_labels(logits, labels, "cross_entropy_fwd")
+    dtype = _dtype(logits, "cross_entropy_fwd")
+    logits = _dense_rows(logits)
+    labels = labels.long().contiguous()
+    rows = logits.shape[0]
+    loss, lse = torch.empty(rows), torch.empty(rows)
+    _call("cross_entropy_fwd", "emu_cross_entropy_fwd", _ptr(logits), _ptr(labels), _ptr(loss), _ptr(lse), rows,
+          logits.shape[1], logits.stride(0), ignore_index, dtype)
+    return loss, lse
+
+
+def _cross_entropy_bwd_into(grad_loss, logits, labels, lse, ignore_index, grad, op):
+    _logits_labels(logits, labels, op)
+    rows = logits.shape[0]
+    if grad_loss.numel() != rows or lse.numel() != rows or lse.dtype != torch.float32:
+        raise ValueError(f"{op}: grad_loss and lse (fp32) must have one value per row")
+    grad_loss = grad_loss.float().contiguous()
+    labels = labels.long().contiguous()
+    lse = lse.contiguous()
+    _call(op, "emu_cross_entropy_bwd", _ptr(grad_loss), _ptr(logits), _ptr(grad), _ptr(labels), _ptr(lse), rows,
+          logits.shape[1], logits.stride(0), grad.stride(0), ignore_index, _dtype(logits, op))
+
+
+def cross_entropy_bwd(grad_loss, logits, labels, lse, ignore_index):
+    logits = _dense_rows(logits) if logits.dim() == 2 else logits
+    grad = torch.empty(logits.shape, dtype=logits.dtype)
+    _cross_entropy_bwd_into(grad_loss, logits, labels, lse, ignore_index, grad, "cross_entropy_bwd")
+    return grad
+
+
+def cross_entropy_bwd_(grad_loss, logits, labels, lse, ignore_index):
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("cross_entropy_bwd_: in place needs logits with unit stride along classes")
+    _cross_entropy_bwd_into(grad_loss, logits, labels, lse, ignore_index, logits, "cross_entropy_bwd_")
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _dropout(dropout_p, seed, offset):
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    threshold = math.floor((1.0 - dropout_p) * 4294967296.0)
+    keep_threshold = 0xFFFFFFFF if threshold >= 4294967295.0 else int(threshold)
+    return (int(dropout_p > 0.0), keep_threshold, float(1.0 / (1.0 - dropout_p)), int(seed) & (2 ** 64 - 1),
+            int(offset) & 0xFFFFFFFF)
+
+
+def _operand(x):
+    ok = x.stride(2) == 1 and x.stride(0) % 8 == 0 and x.stride(1) % 8 == 0 and x.data_ptr() % 16 == 0
+    return x if ok else x.clone(memory_format=torch.contiguous_format)
+
+
+def _attention_inputs(q, k, v, cu_seqlens, max_seqlen, op):
+    _check_cpu(op, q, k, v, cu_seqlens)
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"{op}: q, k, v must be one [total_tokens, heads, head_dim] shape")
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{op}: the kernel takes float16 or bfloat16 q, k, v of one dtype, got {q.dtype}")
+    if q.shape[2] not in (32, 64, 128):
+        raise ValueError(f"{op}: head_dim must be 32, 64 or 128, got {q.shape[2]}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"{op}: cu_seqlens must be a 1-d int32 tensor of batch + 1 offsets")
+    if not 0 <= max_seqlen <= q.shape[0]:
+        raise ValueError(f"{op}: max_seqlen {max_seqlen} out of range")
+
+
+def _problem(q, k, v, cu, max_seqlen, scale, dropout_p, seed, offset):
+    strides = torch.tensor([q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1)],
+                           dtype=torch.int64)
+    args = (_ptr(q), _ptr(k), _ptr(v), _ptr(cu), _ptr(strides), cu.shape[0] - 1, q.shape[1], q.shape[2],
+            max_seqlen, q.shape[0], float(scale), *_dropout(dropout_p, seed, offset), _DTYPES[q.dtype])
+    return args, strides  # keep `strides` alive over the call
+
+
+def attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset):
+    _attention_inputs(q, k, v, cu_seqlens, max_seqlen, "attention_varlen_fwd")
+    q, k, v = _operand(q), _operand(k), _operand(v)
+    cu = cu_seqlens.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype)
+    lse = torch.empty((q.shape[1], q.shape[0]))
+    args, _keep = _problem(q, k, v, cu, max_seqlen, scale, dropout_p, seed, offset)
+    _call("attention_varlen_fwd", "emu_attention_fwd", *args, _ptr(out), _ptr(lse))
+    return out, lse
+
+
+def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset):
+    _attention_inputs(q, k, v, cu_seqlens, max_seqlen, "attention_varlen_bwd")
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError("attention_varlen_bwd: dout and out must have the shape of q")
+    if lse.dtype != torch.float32 or tuple(lse.shape) != (q.shape[1], q.shape[0]):
+        raise ValueError("attention_varlen_bwd: lse must be float32 [heads, total_tokens]")
+    q, k, v = _operand(q), _operand(k), _operand(v)
+    dout = _operand(dout.to(q.dtype).contiguous())
+    lse, cu = lse.contiguous(), cu_seqlens.contiguous()
+    delta = (dout.float() * out.float()).sum(-1).t().contiguous()
+    dq_accum = torch.zeros(q.shape)
+    dk, dv = torch.empty(q.shape, dtype=q.dtype), torch.empty(q.shape, dtype=q.dtype)
+    args, _keep = _problem(q, k, v, cu, max_seqlen, scale, dropout_p, seed, offset)
+    _call("attention_varlen_bwd", "emu_attention_bwd", *args, _ptr(dout), _ptr(lse), _ptr(delta), _ptr(dq_accum),
+          _ptr(dk), _ptr(dv))
+    return dq_accum.to(q.dtype), dk, dv
+
+
+def attention_dropout_mask(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):
+    _check_cpu("attention_dropout_mask", cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError("attention_dropout_mask: cu_seqlens must be a 1-d int32 tensor")
+    cu = cu_seqlens.contiguous()
+    batch = cu.shape[0] - 1
+    keep = torch.empty((batch, heads, max_seqlen, max_seqlen), dtype=torch.bool)
+    _call("attention_dropout_mask", "emu_attention_dropout_mask", _ptr(cu), _ptr(keep), batch, heads, max_seqlen,
+          *_dropout(dropout_p, seed, offset))
+    return keep

@@ -1,0 +1,169 @@
+"""The emulated kernel tests can fail: deliberately broken copies of the kernels, each built into
+its own emulator library (fastbert/ops/_emulator_build.py's `replace`), must each be caught, by
+a wrong result, by a disagreement between thread orders, or by AddressSanitizer with file:line.
+
+Each break is an exact replacement in a kernel source; if the source changed so that the text
+is gone, the test fails and says so (update the break, keep it equivalent). Each broken library
+runs in a subprocess, so a crash or an ASan abort cannot take pytest down.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fastbert.ops import _emulator_build
+
+from emulation import needs_emulator, needs_ops
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [needs_emulator, needs_ops]
+
+# name: (file under csrc/, original text, broken text, AddressSanitizer build?)
+BREAKS = {
+    "shuffle_one_step_short": (
+        "cross_entropy/cross_entropy_kernel.cu",
+        "  for (int offset = 16; offset > 0; offset /= 2)\n    v = combine(",
+        "  for (int offset = 16; offset > 1; offset /= 2)\n    v = combine(", False),
+    "gather_bound_off_by_one": (
+        "gather/gather_kernel.cu",
+        "    Vec* d = reinterpret_cast<Vec*>(dst + row * dst_stride);\n"
+        "    for (int64_t v = lane; v < vecs_per_row; v += 32) d[v] = s[v];",
+        "    Vec* d = reinterpret_cast<Vec*>(dst + row * dst_stride);\n"
+        "    for (int64_t v = lane; v <= vecs_per_row; v += 32) d[v] = s[v];", True),
+    "mma_fragments_swapped": (
+        "attention/attention_kernel.cu",
+        "  a[1] = ld32(r1);\n  a[2] = ld32(r0 + 8);",
+        "  a[1] = ld32(r0 + 8);\n  a[2] = ld32(r1);", False),
+    "syncthreads_removed": (
+        "layernorm/layernorm_kernel.cu",
+        "  __syncthreads();  // smem may be written again by the next call",
+        "  // (removed) smem may be written again by the next call", False),
+    "shared_memory_write_out_of_bounds": (
+        "layernorm/layernorm_kernel.cu",
+        "  sw[threadIdx.y][threadIdx.x] = w;",
+        "  sw[threadIdx.y + 1][threadIdx.x] = w;", True),
+}
+
+# What each broken library runs (in a subprocess); prints one line per verdict.
+PROGRAMS = {
+    "shuffle_one_step_short": """
+        logits, labels = torch.randn(5, 1000), torch.randint(0, 1000, (5,))
+        with emulated("forward"):
+            loss, lse = torch.ops.fastbert.cross_entropy_fwd(logits, labels, -100)
+        print("lse error", (lse - torch.logsumexp(logits, -1)).abs().max().item())
+    """,
+    "gather_bound_off_by_one": """
+        x, index = torch.randn(40, 64), torch.randperm(40)[:9]
+        with emulated("forward"):
+            out = torch.ops.fastbert.gather_rows(x, index)
+        print("equal", torch.equal(out, x[index]))
+    """,
+    "mma_fragments_swapped": """
+        q, k, v = (torch.randn(70, 2, 32, dtype=torch.float16) for _ in range(3))
+        cu = torch.tensor([0, 70], dtype=torch.int32)
+        with emulated("forward"):
+            out = torch.ops.fastbert.attention_varlen_fwd(q, k, v, cu, 70, 0.2, 0.0, 0, 0)[0]
+        ref = A.varlen_reference(q.float(), k.float(), v.float(), cu, 0.2)[0]
+        print("out error", (out.float() - ref).abs().max().item())
+    """,
+    "syncthreads_removed": """
+        x, w, b = torch.randn(4, 4096), torch.randn(4096), torch.randn(4096)
+        want = torch.nn.functional.layer_norm(x, (4096,), w, b, 1e-5)
+        for order in ("forward", "warp"):
+            with emulated(order):
+                y = torch.ops.fastbert.layernorm_fwd(x, None, w, b, 1e-5)[0]
+            print(order, "error", (y - want).abs().max().item())
+    """,
+    "shared_memory_write_out_of_bounds": """
+        x, w, b = torch.randn(4, 96), torch.randn(96), torch.randn(96)
+        with emulated("forward"):
+            y = torch.ops.fastbert.layernorm_fwd(x, None, w, b, 1e-5)
+            grads = torch.ops.fastbert.layernorm_bwd(torch.randn(4, 96), x, y[2], y[3], w)
+        print("finished")
+    """,
+}
+
+PRELUDE = """
+import importlib, sys, torch
+sys.path.insert(0, {tests!r})
+from emulation import emulated
+A = importlib.import_module("fastbert.ops.attention")
+"""
+
+
+def asan_env():
+    """What python needs to load an AddressSanitizer library: libasan first, and libstdc++ with it
+    (else ASan's __cxa_throw interceptor finds no real one when torch throws)."""
+    libs = [subprocess.run(["g++", f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+            for lib in ("libasan.so", "libstdc++.so")]
+    return {"LD_PRELOAD": " ".join(libs), "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1"}
+
+
+def run_broken(name):
+    file, old, new, asan = BREAKS[name]
+    source = (ROOT / "csrc" / file).read_text()
+    assert source.count(old) == 1, (f"the break {name!r} no longer applies: csrc/{file} does not hold its text once; "
+                                    "update BREAKS so the break stays equivalent")
+    variant = f"broken-{name}" + ("-asan" if asan else "")
+    lib = _emulator_build.build(variant, replace={file: source.replace(old, new)})
+    env = dict(os.environ, FASTBERT_EMULATE_LIB=str(lib), PYTHONPATH=str(ROOT))
+    env.pop("LD_PRELOAD", None)
+    if asan:
+        env.update(asan_env())
+    code = PRELUDE.format(tests=str(ROOT / "tests")) + textwrap.dedent(PROGRAMS[name])
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def value(stdout, label):
+    line = next(line for line in stdout.splitlines() if line.startswith(label))
+    return line.split()[-1]
+
+
+def test_shuffle_reduction_one_step_short_gives_a_wrong_result():
+    r = run_broken("shuffle_one_step_short")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(value(r.stdout, "lse error")) > 1e-3, r.stdout
+
+
+def test_gather_bound_off_by_one_is_reported_by_asan_with_file_and_line():
+    r = run_broken("gather_bound_off_by_one")
+    assert r.returncode != 0, r.stdout
+    assert "ERROR: AddressSanitizer: heap-buffer-overflow" in r.stderr, r.stderr[-3000:]
+    assert "csrc/gather/gather_kernel.cu:20" in r.stderr, r.stderr[-3000:]
+
+
+def test_two_mma_fragments_swapped_give_a_wrong_result():
+    r = run_broken("mma_fragments_swapped")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(value(r.stdout, "out error")) > 0.05, r.stdout
+
+
+def test_removed_syncthreads_passes_one_order_and_fails_another():
+    """The race of a missing barrier is invisible in the forward order (threads advance in lockstep
+    between barriers) and shows in the warp order (a warp runs ahead to the next barrier)."""
+    r = run_broken("syncthreads_removed")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(value(r.stdout, "forward error")) < 1e-4, r.stdout
+    assert float(value(r.stdout, "warp error")) > 1e-2, r.stdout
+
+
+def test_shared_memory_write_out_of_bounds_is_reported_by_asan_with_file_and_line():
+    r = run_broken("shared_memory_write_out_of_bounds")
+    assert r.returncode != 0 and "finished" not in r.stdout, r.stdout
+    assert "ERROR: AddressSanitizer: global-buffer-overflow" in r.stderr, r.stderr[-3000:]
+    assert "WRITE of size 4" in r.stderr and "csrc/layernorm/layernorm_kernel.cu:190" in r.stderr, r.stderr[-3000:]
+
+
+def test_the_unbroken_kernels_pass_the_same_programs():
+    """The programs above with the real kernels: no error, no ASan report (so each failure above is
+    the break's doing)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for name in ("shuffle_one_step_short", "mma_fragments_swapped", "syncthreads_removed"):
+        code = PRELUDE.format(tests=str(ROOT / "tests")) + textwrap.dedent(PROGRAMS[name])
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        errors = [float(line.split()[-1]) for line in r.stdout.splitlines() if "error" in line]
+        assert errors and max(errors) < (0.05 if name == "mma_fragments_swapped" else 1e-4), (name, r.stdout)
