@@ -136,22 +136,40 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[N / 8][4], const T* a, in
   }
 }
 
-// acc[N/8] += C (16 x K, held as C fragments c[K/8], converted to T) times B (bt[n][k]).
-template <typename T, int K, int N>
-__device__ __forceinline__ void warp_gemm_reg_a(float (&acc)[N / 8][4], const float (&c)[K / 8][4], const T* bt,
-                                                int ldb, int lane) {
+// The A fragments (16 x K, converted to T) of C fragments c[K/8] of a 16xK fp32 tile.
+template <typename T, int K>
+__device__ __forceinline__ void pack_a(uint32_t (&a)[K / 16][4], const float (&c)[K / 8][4]) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
-    const uint32_t af[4] = {Elem<T>::pack(c[2 * kk][0], c[2 * kk][1]), Elem<T>::pack(c[2 * kk][2], c[2 * kk][3]),
-                            Elem<T>::pack(c[2 * kk + 1][0], c[2 * kk + 1][1]),
-                            Elem<T>::pack(c[2 * kk + 1][2], c[2 * kk + 1][3])};
+    a[kk][0] = Elem<T>::pack(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = Elem<T>::pack(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = Elem<T>::pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = Elem<T>::pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+// acc[N/8] += A (16 x K, held as A fragments a[K/16]) times B (bt[n][k]).
+template <typename T, int K, int N>
+__device__ __forceinline__ void warp_gemm_frag_a(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4], const T* bt,
+                                                 int ldb, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
 #pragma unroll
     for (int nt = 0; nt < N / 8; ++nt) {
       uint32_t b0, b1;
       load_b(b0, b1, bt, ldb, nt * 8, kk * 16, lane);
-      Elem<T>::mma(acc[nt], af, b0, b1);
+      Elem<T>::mma(acc[nt], a[kk], b0, b1);
     }
   }
+}
+
+// acc[N/8] += C (16 x K, held as C fragments c[K/8], converted to T) times B (bt[n][k]).
+template <typename T, int K, int N>
+__device__ __forceinline__ void warp_gemm_reg_a(float (&acc)[N / 8][4], const float (&c)[K / 8][4], const T* bt,
+                                                int ldb, int lane) {
+  uint32_t a[K / 16][4];
+  pack_a<T, K>(a, c);
+  warp_gemm_frag_a<T, K, N>(acc, a, bt, ldb, lane);
 }
 
 // Rows [0, R) of a token tile (src points at its first row for one head; row r at src + r *
@@ -347,49 +365,62 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
     }
     __syncthreads();
 
-    // S^T = K Q^T: rows = this warp's 16 keys, columns = the 64 queries of the tile.
+    // Dropout's keep bits of this thread's 32 elements of the tile (bit 4 * (column / 8) + e for
+    // C fragment element e), before the products: Philox's temporaries then never share the
+    // registers with their operands.
+    uint32_t keep = ~0u;
+    if (p.dropout.enabled) {
+      keep = 0u;
+#pragma unroll
+      for (int j = 0; j < kBlockM / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qc = j * 8 + 2 * t + (e & 1);
+          const int kr = key[e >> 1];
+          const uint4 bits = dropout_bits(p.dropout, static_cast<int64_t>(start) + m0 + qc, head, kr);
+          keep |= static_cast<uint32_t>(pick(bits, kr & 3) < p.dropout.keep_threshold) << (4 * j + e);
+        }
+      }
+    }
+    // P^T after dropout (kept values scaled by 1/(1-p)) and dS^T, as the A fragments (in T) of
+    // the dV and dK products: half the registers of their fp32 values.
+    uint32_t pd_a[kBlockM / 16][4], ds_a[kBlockM / 16][4];
+    // S^T = K Q^T and dPd^T = V dO^T: rows = this warp's 16 keys, columns = the 64 queries.
     float pt[kBlockM / 8][4] = {};
     warp_gemm<T, D, kBlockM>(pt, sK + warp * 16 * kLd, kLd, sQ, kLd, lane);
-    float pd[kBlockM / 8][4];  // P^T after dropout (kept values scaled by 1/(1-p))
-#pragma unroll
-    for (int nt = 0; nt < kBlockM / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qc = nt * 8 + 2 * t + (e & 1);
-        const int kr = key[e >> 1];
-        const float prob = kr < len ? exp2f(pt[nt][e] * scale_log2 - sLse[qc]) : 0.f;
-        pt[nt][e] = prob;
-        float kept = prob;
-        if (p.dropout.enabled) {
-          const uint4 bits = dropout_bits(p.dropout, static_cast<int64_t>(start) + m0 + qc, head, kr);
-          kept = pick(bits, kr & 3) < p.dropout.keep_threshold ? prob * p.dropout.keep_scale : 0.f;
-        }
-        pd[nt][e] = kept;
-      }
-    }
-    // dV += Pd^T dO
-    warp_gemm_reg_a<T, kBlockM, D>(dv, pd, sdOt, kLdT, lane);
-    // dPd^T = V dO^T
     float ds[kBlockM / 8][4] = {};
     warp_gemm<T, D, kBlockM>(ds, sV + warp * 16 * kLd, kLd, sdO, kLd, lane);
-    // dS^T = P^T * (dPd^T * z - delta) = Pd^T * dPd^T - P^T * delta   (z = dropout keep / (1-p))
 #pragma unroll
-    for (int nt = 0; nt < kBlockM / 8; ++nt) {
+    for (int j = 0; j < kBlockM / 8; ++j) {
+      float pd[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int qc = nt * 8 + 2 * t + (e & 1);
-        ds[nt][e] = pd[nt][e] * ds[nt][e] - pt[nt][e] * sDelta[qc];
+        const int qc = 8 * j + 2 * t + (e & 1);
+        const float prob = key[e >> 1] < len ? exp2f(pt[j][e] * scale_log2 - sLse[qc]) : 0.f;
+        float kept = prob;
+        if (p.dropout.enabled) kept = (keep >> (4 * j + e)) & 1u ? prob * p.dropout.keep_scale : 0.f;
+        pd[e] = kept;
+        // dS^T = P^T * (dPd^T * z - delta) = Pd^T * dPd^T - P^T * delta   (z = dropout keep / (1-p))
+        ds[j][e] = kept * ds[j][e] - prob * sDelta[qc];
       }
+      // C fragment j (columns 8j .. 8j + 7) is half of A fragment j / 2 (the layouts, top of the file)
+      pd_a[j / 2][2 * (j & 1)] = Elem<T>::pack(pd[0], pd[1]);
+      pd_a[j / 2][2 * (j & 1) + 1] = Elem<T>::pack(pd[2], pd[3]);
+      ds_a[j / 2][2 * (j & 1)] = Elem<T>::pack(ds[j][0], ds[j][1]);
+      ds_a[j / 2][2 * (j & 1) + 1] = Elem<T>::pack(ds[j][2], ds[j][3]);
     }
+    // dV += Pd^T dO
+    warp_gemm_frag_a<T, kBlockM, D>(dv, pd_a, sdOt, kLdT, lane);
     // dK += dS^T Q   (times scale at the end)
-    warp_gemm_reg_a<T, kBlockM, D>(dk, ds, sQt, kLdT, lane);
-    // dS to shared memory, query-major, for dQ = dS K
+    warp_gemm_frag_a<T, kBlockM, D>(dk, ds_a, sQt, kLdT, lane);
+    // dS to shared memory, query-major, for dQ = dS K (the T values of ds_a)
 #pragma unroll
     for (int nt = 0; nt < kBlockM / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int qc = nt * 8 + 2 * t + (e & 1);
-        sdS[qc * kLdT + warp * 16 + g + 8 * (e >> 1)] = Elem<T>::from_float(ds[nt][e]);
+        const uint32_t pair = ds_a[nt / 2][2 * (nt & 1) + (e >> 1)];
+        sdS[qc * kLdT + warp * 16 + g + 8 * (e >> 1)] = reinterpret_cast<const T*>(&pair)[e & 1];
       }
     }
     __syncthreads();
