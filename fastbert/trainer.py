@@ -405,12 +405,12 @@ class Trainer:
         self.records.append(record)
         with open(self.out / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if getattr(self, "_lines", False):
+            print(self._log_line(record), file=sys.stderr, flush=True)
         if "eval_mlm_loss" not in record and record["step"] < self.a.steps:
             return  # the picture is redrawn with each evaluation and at the end (~1 s of matplotlib each)
         from fastbert.plotting import plot_training
         plot_training(self.records, self.out / PLOT, title=f"fastbert pretrain: {self.out.name}")
-        if getattr(self, "_lines", False):
-            print(self._log_line(record), file=sys.stderr, flush=True)
 
     def _log_line(self, r):
         """A metrics record as one plain line, for logs where a progress bar would be carriage returns."""
