@@ -93,6 +93,50 @@ def _fused(op, *tensors):
     return _backend.use_kernel(op, *tensors)
 
 
+class _Projections(torch.autograd.Function):
+    """x W_i^T (+ b_i) for each projection, and x itself again for the block's residual, as ONE autograd
+    node over every use of x. Autograd would sum the gradients of separate uses of x with an add
+    each (three for q, k, v and the residual); here the backward accumulates them in the matmuls:
+    dx = dresidual + sum_i dy_i W_i, one addmm_ (beta 1) per projection. dW_i = dy_i^T x, db_i = sum of dy_i.
+
+    dresidual is accumulated into in place: the model passes the residual straight to the block's
+    LayerNorm op, whose backward returns it as a fresh tensor nothing else holds (as torch's own
+    gradient accumulation reuses such a buffer). An out-of-place addmm would copy it on a GPU."""
+
+    @staticmethod
+    def forward(ctx, x, *weights_and_biases):
+        weights, biases = weights_and_biases[0::2], weights_and_biases[1::2]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, *weights)
+        ctx.has_bias = tuple(b is not None for b in biases)
+        return (*(F.linear(x, w, b) for w, b in zip(weights, biases)), x.view_as(x))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        douts, dres = grads[:-1], grads[-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        dx, result = None, []
+        if dres is not None:
+            dx = dres.reshape(x2.shape).contiguous()
+        for dy, w, has_bias in zip(douts, weights, ctx.has_bias):
+            if dy is None:
+                result += [None, None]
+                continue
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            dx = dy2.mm(w) if dx is None else dx.addmm_(dy2, w)
+            result += [dy2.t().mm(x2), dy2.sum(dim=0) if has_bias else None]
+        return (dx.view(x.shape) if dx is not None else None, *result)
+
+
+def project(x, linears, bias=True):
+    """[linear(x) for linear in linears] (without their biases if not bias), and x again for the
+    block's residual: on the kernel path through one autograd node (_Projections), so the backward
+    sums the gradients of x's uses inside the matmuls."""
+    params = [t for lin in linears for t in (lin.weight, lin.bias if bias else None)]
+    return _Projections.apply(x, *params)
+
+
 # ----------------------------------------------------------------------------- the encoder
 
 
@@ -138,17 +182,23 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, hidden, attn):
-        """hidden [batch, seq, hidden] with attn the [batch, seq] mask (or a PaddedMask), or [tokens, hidden]
-        with attn a Packing."""
+        """(context, residual): hidden [batch, seq, hidden] with attn the [batch, seq] mask (or a PaddedMask),
+        or [tokens, hidden] with attn a Packing. residual is hidden, for the block's residual LayerNorm; on
+        the kernel path q, k, v and residual come from one autograd node (`project`)."""
         heads = (*hidden.shape[:-1], self.num_attention_heads, self.attention_head_size)
-        q, k, v = (proj(hidden).view(heads) for proj in (self.query, self.key, self.value))
+        projections = (self.query, self.key, self.value)
+        if _fused("bias_dropout_residual_layernorm_fwd", hidden, self.query.weight):
+            *qkv, residual = project(hidden, projections)
+        else:
+            qkv, residual = [proj(hidden) for proj in projections], hidden
+        q, k, v = (t.view(heads) for t in qkv)
         if isinstance(attn, Packing):
             out = ops.attention_varlen(q, k, v, attn.cu_seqlens, attn.max_seqlen, dropout_p=self.dropout_p,
                                        training=self.training, check=False)
         else:
             mask, packing = (attn.mask, attn.packing) if isinstance(attn, PaddedMask) else (attn, None)
             out = ops.attention(q, k, v, mask, dropout_p=self.dropout_p, training=self.training, packing=packing)
-        return out.reshape(hidden.shape)
+        return out.reshape(hidden.shape), residual
 
 
 class BertSelfOutput(nn.Module):
@@ -186,7 +236,7 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config, config.hidden_size)
 
     def forward(self, hidden, attn):
-        return self.output(self.self(hidden, attn), hidden)
+        return self.output(*self.self(hidden, attn))
 
 
 class BertIntermediate(nn.Module):
@@ -200,9 +250,12 @@ class BertIntermediate(nn.Module):
         self.gelu_approximate = GELU_APPROXIMATE.get(config.hidden_act)  # None: not a GELU ops.bias_gelu computes
 
     def forward(self, hidden):
+        """(activation, residual): residual is hidden, for the block's residual LayerNorm; on the kernel
+        path the dense and residual come from one autograd node (`project`)."""
         if self.gelu_approximate is not None and _fused("bias_gelu_fwd", hidden, self.dense.weight):
-            return ops.bias_gelu(F.linear(hidden, self.dense.weight), self.dense.bias, self.gelu_approximate)
-        return self.intermediate_act_fn(self.dense(hidden))
+            h, residual = project(hidden, [self.dense], bias=False)
+            return ops.bias_gelu(h, self.dense.bias, self.gelu_approximate), residual
+        return self.intermediate_act_fn(self.dense(hidden)), hidden
 
 
 class BertLayer(nn.Module):
@@ -213,8 +266,7 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config)
 
     def forward(self, hidden, attn):
-        attended = self.attention(hidden, attn)
-        return self.output(self.intermediate(attended), attended)
+        return self.output(*self.intermediate(self.attention(hidden, attn)))
 
 
 class BertEncoder(nn.Module):
