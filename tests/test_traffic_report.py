@@ -78,3 +78,17 @@ def test_tiny_layer_report(tmp_path, capsys):
     assert report["memory_bound_ops_ratio"] == pytest.approx(
         report["fastbert"]["memory_bound_ops"] / report["transformers"]["memory_bound_ops"])
 
+
+@NEEDS_FUSED_OPS
+def test_bert_base_layer_meets_the_traffic_bars():
+    """Issue 14's bars for one BERT-base layer forward + backward (hidden 768, seq 128, batch 32, bf16,
+    dropout 0.1), counted: outside the matmuls and attention (which move the same bytes in both, but
+    for the gradient accumulation fastbert moves into them) fastbert moves <= 0.6x the bytes of
+    transformers' sdpa layer, in <= 0.5x the memory-bound (elementwise/normalization) ops."""
+    shape = (768, 12, 3072, 128, 32, torch.bfloat16, 0.1)
+    fb, tf = TR.fastbert_layer_traffic(*shape), TR.transformers_layer_traffic(*shape)
+    assert fb.total_bytes() < tf.total_bytes()
+    assert fb.total_bytes("memory-bound") <= 0.6 * tf.total_bytes("memory-bound"), \
+        (fb.total_bytes("memory-bound"), tf.total_bytes("memory-bound"))
+    assert fb.calls("memory-bound") <= 0.5 * tf.calls("memory-bound"), \
+        ([(n, c.calls) for n, k, c in fb.rows() if k == "memory-bound"], tf.calls("memory-bound"))
