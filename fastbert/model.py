@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from fastbert import _backend, _validate, ops
 from fastbert.config import BertConfig
 from fastbert.ops.attention import HEAD_DIMS, KERNEL_DTYPES
+from fastbert.ops.bias_dropout_residual_layernorm import MAX_KERNEL_HIDDEN
 from fastbert.ops.gather import Packing
 
 # ----------------------------------------------------------------------------- outputs
@@ -99,9 +100,10 @@ class _Projections(torch.autograd.Function):
     each (three for q, k, v and the residual); here the backward accumulates them in the matmuls:
     dx = dresidual + sum_i dy_i W_i, one addmm_ (beta 1) per projection. dW_i = dy_i^T x, db_i = sum of dy_i.
 
-    dresidual is accumulated into in place: the model passes the residual straight to the block's
-    LayerNorm op, whose backward returns it as a fresh tensor nothing else holds (as torch's own
-    gradient accumulation reuses such a buffer). An out-of-place addmm would copy it on a GPU."""
+    dresidual is accumulated into in place (an out-of-place addmm would first copy it on a GPU), so
+    the residual output must go only to the fused residual LayerNorm kernel, whose backward returns
+    dresidual as a fresh tensor nothing else holds: the model uses this node only where
+    BertSelfOutput.fused says that kernel runs."""
 
     @staticmethod
     def forward(ctx, x, *weights_and_biases):
@@ -131,8 +133,8 @@ class _Projections(torch.autograd.Function):
 
 def project(x, linears, bias=True):
     """[linear(x) for linear in linears] (without their biases if not bias), and x again for the
-    block's residual: on the kernel path through one autograd node (_Projections), so the backward
-    sums the gradients of x's uses inside the matmuls."""
+    block's residual, through one autograd node (_Projections), so the backward sums the gradients
+    of x's uses inside the matmuls. The residual must go only to the fused residual LayerNorm."""
     params = [t for lin in linears for t in (lin.weight, lin.bias if bias else None)]
     return _Projections.apply(x, *params)
 
@@ -181,13 +183,13 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, hidden, attn):
+    def forward(self, hidden, attn, one_node=False):
         """(context, residual): hidden [batch, seq, hidden] with attn the [batch, seq] mask (or a PaddedMask),
-        or [tokens, hidden] with attn a Packing. residual is hidden, for the block's residual LayerNorm; on
-        the kernel path q, k, v and residual come from one autograd node (`project`)."""
+        or [tokens, hidden] with attn a Packing. residual is hidden, for the block's residual LayerNorm;
+        with one_node, q, k, v and residual come from one autograd node (`project`)."""
         heads = (*hidden.shape[:-1], self.num_attention_heads, self.attention_head_size)
         projections = (self.query, self.key, self.value)
-        if _fused("bias_dropout_residual_layernorm_fwd", hidden, self.query.weight):
+        if one_node:
             *qkv, residual = project(hidden, projections)
         else:
             qkv, residual = [proj(hidden) for proj in projections], hidden
@@ -213,9 +215,15 @@ class BertSelfOutput(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    def fused(self, residual):
+        """Whether forward runs the fused kernel for this residual (its backward gives dresidual as a
+        fresh tensor: the block's input may then come from `project`)."""
+        return (self.LayerNorm.normalized_shape[0] <= MAX_KERNEL_HIDDEN
+                and _fused("bias_dropout_residual_layernorm_fwd", residual, self.dense.weight))
+
     def forward(self, hidden, residual):
         ln = self.LayerNorm
-        if _fused("bias_dropout_residual_layernorm_fwd", hidden, residual, self.dense.weight):
+        if self.fused(residual) and _fused("bias_dropout_residual_layernorm_fwd", hidden):
             return ops.bias_dropout_residual_layer_norm(F.linear(hidden, self.dense.weight), self.dense.bias, residual,
                                                         ln.weight, ln.bias, ln.eps, self.dropout.p, self.training)
         h = self.dropout(self.dense(hidden))
@@ -236,7 +244,7 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config, config.hidden_size)
 
     def forward(self, hidden, attn):
-        return self.output(*self.self(hidden, attn))
+        return self.output(*self.self(hidden, attn, one_node=self.output.fused(hidden)))
 
 
 class BertIntermediate(nn.Module):
@@ -249,12 +257,18 @@ class BertIntermediate(nn.Module):
         self.intermediate_act_fn = ACTIVATIONS[config.hidden_act]
         self.gelu_approximate = GELU_APPROXIMATE.get(config.hidden_act)  # None: not a GELU ops.bias_gelu computes
 
-    def forward(self, hidden):
-        """(activation, residual): residual is hidden, for the block's residual LayerNorm; on the kernel
-        path the dense and residual come from one autograd node (`project`)."""
+    def forward(self, hidden, one_node=False):
+        """(activation, residual): residual is hidden, for the block's residual LayerNorm; with one_node,
+        the dense and residual come from one autograd node (`project`)."""
         if self.gelu_approximate is not None and _fused("bias_gelu_fwd", hidden, self.dense.weight):
-            h, residual = project(hidden, [self.dense], bias=False)
+            if one_node:
+                h, residual = project(hidden, [self.dense], bias=False)
+            else:
+                h, residual = F.linear(hidden, self.dense.weight), hidden
             return ops.bias_gelu(h, self.dense.bias, self.gelu_approximate), residual
+        if one_node:
+            h, residual = project(hidden, [self.dense])
+            return self.intermediate_act_fn(h), residual
         return self.intermediate_act_fn(self.dense(hidden)), hidden
 
 
@@ -266,7 +280,8 @@ class BertLayer(nn.Module):
         self.output = BertOutput(config)
 
     def forward(self, hidden, attn):
-        return self.output(*self.intermediate(self.attention(hidden, attn)))
+        attended = self.attention(hidden, attn)
+        return self.output(*self.intermediate(attended, one_node=self.output.fused(attended)))
 
 
 class BertEncoder(nn.Module):
