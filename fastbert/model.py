@@ -223,7 +223,7 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, hidden, residual):
         ln = self.LayerNorm
-        if self.fused(residual) and _fused("bias_dropout_residual_layernorm_fwd", hidden):
+        if self.fused(residual):  # the same decision the block made for `project` (hidden is on residual's device)
             return ops.bias_dropout_residual_layer_norm(F.linear(hidden, self.dense.weight), self.dense.bias, residual,
                                                         ln.weight, ln.bias, ln.eps, self.dropout.p, self.training)
         h = self.dropout(self.dense(hidden))
