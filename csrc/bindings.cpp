@@ -103,7 +103,7 @@ TORCH_LIBRARY(fastbert, m) {
   // ---- bias_gelu (csrc/bias_gelu/): y = gelu(x + bias) after the intermediate matmul ----
   // approximate: "none" (erf, BERT's "gelu") or "tanh" ("gelu_new", "gelu_pytorch_tanh"), as F.gelu.
   m.def("bias_gelu_fwd(Tensor x, Tensor bias, str approximate) -> Tensor");
-  // dx = dy * gelu'(x + bias) in x's dtype; dbias = sum over rows of dx, fp32 [cols].
+  // dx = dy * gelu'(x + bias) in x's dtype; dbias = sum over rows of dx (fp32 sums) in bias's dtype [cols].
   m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor bias, str approximate) -> (Tensor dx, Tensor dbias)");
   // ---- end bias_gelu ----
   // ---- bias_dropout_residual_layernorm (csrc/bias_dropout_residual_layernorm/) ----
@@ -113,7 +113,7 @@ TORCH_LIBRARY(fastbert, m) {
         "Tensor? ln_bias, float eps, float dropout_p, int seed, int offset) "
         "-> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
   // From the forward's h, mean, rstd and dropout: dx, dresidual in h's dtype; dweight, dln_bias,
-  // dbias fp32 [hidden].
+  // dbias [hidden] (fp32 sums) in weight's dtype, fp32 without a weight.
   m.def("bias_dropout_residual_layernorm_bwd(Tensor dy, Tensor h, Tensor mean, Tensor rstd, Tensor? weight, "
         "float dropout_p, int seed, int offset) "
         "-> (Tensor dx, Tensor dresidual, Tensor dweight, Tensor dln_bias, Tensor dbias)");
@@ -579,14 +579,15 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy_in, c
   const int64_t partials = fastbert::bias_gelu_bwd_num_partials(rows, cols, dtype);
   at::Tensor dx = at::empty_like(x);
   at::Tensor workspace = at::empty({partials, cols}, x.options().dtype(at::kFloat));
-  at::Tensor dbias = at::empty({cols}, x.options().dtype(at::kFloat));
+  at::Tensor dbias = at::empty({cols}, x.options().dtype(bias_in.scalar_type()));
   fastbert::BiasGeluBwdParams p{};
   p.dy = dy.data_ptr();
   p.x = x.data_ptr();
   p.bias = bias.data_ptr<float>();
   p.dx = dx.data_ptr();
   p.partial = workspace.data_ptr<float>();
-  p.dbias = dbias.data_ptr<float>();
+  p.dbias = dbias.data_ptr();
+  p.dbias_dtype = float_dtype(bias_in, "bias_gelu_bwd");
   p.rows = rows;
   p.cols = cols;
   p.kind = kind;
@@ -665,9 +666,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_drop
   const int64_t partials = fastbert::bdrln_bwd_num_partials(rows, hidden, dtype);
   at::Tensor dx = at::empty_like(h), dresidual = at::empty_like(h);
   at::Tensor workspace = at::empty({3, partials, hidden}, h.options().dtype(at::kFloat));
-  at::Tensor dweight = at::empty({hidden}, h.options().dtype(at::kFloat));
-  at::Tensor dln_bias = at::empty({hidden}, h.options().dtype(at::kFloat));
-  at::Tensor dbias = at::empty({hidden}, h.options().dtype(at::kFloat));
+  const bool has_weight = weight_in.has_value() && weight_in->defined();
+  const at::ScalarType grad_type = has_weight ? weight_in->scalar_type() : at::kFloat;
+  at::Tensor dweight = at::empty({hidden}, h.options().dtype(grad_type));
+  at::Tensor dln_bias = at::empty({hidden}, h.options().dtype(grad_type));
+  at::Tensor dbias = at::empty({hidden}, h.options().dtype(grad_type));
   fastbert::BdrlnBwdParams p{};
   p.dy = dy.data_ptr();
   p.h = h.data_ptr();
@@ -677,9 +680,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_drop
   p.dx = dx.data_ptr();
   p.dresidual = dresidual.data_ptr();
   p.partial = workspace.data_ptr<float>();
-  p.dweight = dweight.data_ptr<float>();
-  p.dbeta = dln_bias.data_ptr<float>();
-  p.dbias = dbias.data_ptr<float>();
+  p.dweight = dweight.data_ptr();
+  p.dbeta = dln_bias.data_ptr();
+  p.dbias = dbias.data_ptr();
+  p.grad_dtype = has_weight ? float_dtype(*weight_in, op) : fastbert::DType::kFloat32;
   p.rows = rows;
   p.hidden = hidden;
   p.dropout = row_dropout(dropout_p, seed, offset, op);
@@ -768,9 +772,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embeddings_layernorm_dropout_bwd_
   p.dx = nullptr;
   p.dresidual = dh.data_ptr();
   p.partial = workspace.data_ptr<float>();
-  p.dweight = dweight.data_ptr<float>();
-  p.dbeta = dbias.data_ptr<float>();
-  p.dbias = unused.data_ptr<float>();
+  p.dweight = dweight.data_ptr();  // grad_dtype: fp32 (zero-initialized p)
+  p.dbeta = dbias.data_ptr();
+  p.dbias = unused.data_ptr();
   p.rows = rows;
   p.hidden = hidden;
   p.dropout = row_dropout(dropout_p, seed, offset, op);

@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include "common.h"
 
 namespace fastbert {
 
@@ -20,6 +21,14 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// out[i] = v rounded to dtype t (round to nearest even, as torch's cast): the parameter gradients
+// the reductions write in the parameter's dtype, so no cast op follows them.
+__device__ __forceinline__ void store_as(void* out, DType t, int64_t i, float v) {
+  if (t == DType::kFloat16) static_cast<__half*>(out)[i] = from_float<__half>(v);
+  else if (t == DType::kBFloat16) static_cast<__nv_bfloat16*>(out)[i] = from_float<__nv_bfloat16>(v);
+  else static_cast<float*>(out)[i] = v;
+}
 
 // d += A B for one warp: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 with the
 // PTX ISA fragment layouts (g = lane / 4, t = lane % 4): a[0..3] = A[g][2t..], A[g+8][2t..],

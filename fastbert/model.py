@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from fastbert import _backend, _validate, ops
 from fastbert.config import BertConfig
 from fastbert.ops.attention import HEAD_DIMS, KERNEL_DTYPES
+from fastbert.ops.bias_dropout_residual_layernorm import MAX_KERNEL_HIDDEN
 from fastbert.ops.gather import Packing
 
 # On the CPU the padding-free path pays a scatter and a gather of q, k, v per layer and saves the
@@ -100,6 +101,51 @@ def _fused(op, *tensors):
     return _backend.use_kernel(op, *tensors)
 
 
+class _Projections(torch.autograd.Function):
+    """x W_i^T (+ b_i) for each projection, and x itself again for the block's residual, as ONE autograd
+    node over every use of x. Autograd would sum the gradients of separate uses of x with an add
+    each (three for q, k, v and the residual); here the backward accumulates them in the matmuls:
+    dx = dresidual + sum_i dy_i W_i, one addmm_ (beta 1) per projection. dW_i = dy_i^T x, db_i = sum of dy_i.
+
+    dresidual is accumulated into in place (an out-of-place addmm would first copy it on a GPU), so
+    the residual output must go only to the fused residual LayerNorm kernel, whose backward returns
+    dresidual as a fresh tensor nothing else holds: the model uses this node only where
+    BertSelfOutput.fused says that kernel runs."""
+
+    @staticmethod
+    def forward(ctx, x, *weights_and_biases):
+        weights, biases = weights_and_biases[0::2], weights_and_biases[1::2]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, *weights)
+        ctx.has_bias = tuple(b is not None for b in biases)
+        return (*(F.linear(x, w, b) for w, b in zip(weights, biases)), x.view_as(x))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        douts, dres = grads[:-1], grads[-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        dx, result = None, []
+        if dres is not None:
+            dx = dres.reshape(x2.shape).contiguous()
+        for dy, w, has_bias in zip(douts, weights, ctx.has_bias):
+            if dy is None:
+                result += [None, None]
+                continue
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            dx = dy2.mm(w) if dx is None else dx.addmm_(dy2, w)
+            result += [dy2.t().mm(x2), dy2.sum(dim=0) if has_bias else None]
+        return (dx.view(x.shape) if dx is not None else None, *result)
+
+
+def project(x, linears, bias=True):
+    """[linear(x) for linear in linears] (without their biases if not bias), and x again for the
+    block's residual, through one autograd node (_Projections), so the backward sums the gradients
+    of x's uses inside the matmuls. The residual must go only to the fused residual LayerNorm."""
+    params = [t for lin in linears for t in (lin.weight, lin.bias if bias else None)]
+    return _Projections.apply(x, *params)
+
+
 # ----------------------------------------------------------------------------- the encoder
 
 
@@ -144,18 +190,24 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, hidden, attn):
-        """hidden [batch, seq, hidden] with attn the [batch, seq] mask (or a PaddedMask), or [tokens, hidden]
-        with attn a Packing."""
+    def forward(self, hidden, attn, one_node=False):
+        """(context, residual): hidden [batch, seq, hidden] with attn the [batch, seq] mask (or a PaddedMask),
+        or [tokens, hidden] with attn a Packing. residual is hidden, for the block's residual LayerNorm;
+        with one_node, q, k, v and residual come from one autograd node (`project`)."""
         heads = (*hidden.shape[:-1], self.num_attention_heads, self.attention_head_size)
-        q, k, v = (proj(hidden).view(heads) for proj in (self.query, self.key, self.value))
+        projections = (self.query, self.key, self.value)
+        if one_node:
+            *qkv, residual = project(hidden, projections)
+        else:
+            qkv, residual = [proj(hidden) for proj in projections], hidden
+        q, k, v = (t.view(heads) for t in qkv)
         if isinstance(attn, Packing):
             out = ops.attention_varlen(q, k, v, attn.cu_seqlens, attn.max_seqlen, dropout_p=self.dropout_p,
                                        training=self.training, check=False)
         else:
             mask, packing = (attn.mask, attn.packing) if isinstance(attn, PaddedMask) else (attn, None)
             out = ops.attention(q, k, v, mask, dropout_p=self.dropout_p, training=self.training, packing=packing)
-        return out.reshape(hidden.shape)
+        return out.reshape(hidden.shape), residual
 
 
 class BertSelfOutput(nn.Module):
@@ -170,9 +222,15 @@ class BertSelfOutput(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    def fused(self, residual):
+        """Whether forward runs the fused kernel for this residual (its backward gives dresidual as a
+        fresh tensor: the block's input may then come from `project`)."""
+        return (self.LayerNorm.normalized_shape[0] <= MAX_KERNEL_HIDDEN
+                and _fused("bias_dropout_residual_layernorm_fwd", residual, self.dense.weight))
+
     def forward(self, hidden, residual):
         ln = self.LayerNorm
-        if _fused("bias_dropout_residual_layernorm_fwd", hidden, residual, self.dense.weight):
+        if self.fused(residual):  # the same decision the block made for `project` (hidden is on residual's device)
             return ops.bias_dropout_residual_layer_norm(F.linear(hidden, self.dense.weight), self.dense.bias, residual,
                                                         ln.weight, ln.bias, ln.eps, self.dropout.p, self.training)
         h = self.dropout(self.dense(hidden))
@@ -193,7 +251,7 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config, config.hidden_size)
 
     def forward(self, hidden, attn):
-        return self.output(self.self(hidden, attn), hidden)
+        return self.output(*self.self(hidden, attn, one_node=self.output.fused(hidden)))
 
 
 class BertIntermediate(nn.Module):
@@ -206,10 +264,19 @@ class BertIntermediate(nn.Module):
         self.intermediate_act_fn = ACTIVATIONS[config.hidden_act]
         self.gelu_approximate = GELU_APPROXIMATE.get(config.hidden_act)  # None: not a GELU ops.bias_gelu computes
 
-    def forward(self, hidden):
+    def forward(self, hidden, one_node=False):
+        """(activation, residual): residual is hidden, for the block's residual LayerNorm; with one_node,
+        the dense and residual come from one autograd node (`project`)."""
         if self.gelu_approximate is not None and _fused("bias_gelu_fwd", hidden, self.dense.weight):
-            return ops.bias_gelu(F.linear(hidden, self.dense.weight), self.dense.bias, self.gelu_approximate)
-        return self.intermediate_act_fn(self.dense(hidden))
+            if one_node:
+                h, residual = project(hidden, [self.dense], bias=False)
+            else:
+                h, residual = F.linear(hidden, self.dense.weight), hidden
+            return ops.bias_gelu(h, self.dense.bias, self.gelu_approximate), residual
+        if one_node:
+            h, residual = project(hidden, [self.dense])
+            return self.intermediate_act_fn(h), residual
+        return self.intermediate_act_fn(self.dense(hidden)), hidden
 
 
 class BertLayer(nn.Module):
@@ -221,7 +288,7 @@ class BertLayer(nn.Module):
 
     def forward(self, hidden, attn):
         attended = self.attention(hidden, attn)
-        return self.output(self.intermediate(attended), attended)
+        return self.output(*self.intermediate(attended, one_node=self.output.fused(attended)))
 
 
 class BertEncoder(nn.Module):

@@ -223,3 +223,25 @@ def test_gpu_selfcheck():
     results = mod.selfcheck(torch.device("cuda"))
     bad = [r for r in results if not r.ok]
     assert not bad, bad
+
+
+@needs_ext
+@needs_emulator
+@pytest.mark.parametrize("order", ["forward", "warp"])
+@pytest.mark.parametrize("dtype, with_weight", [(torch.bfloat16, True), (torch.float16, True),
+                                                (torch.bfloat16, False)])
+def test_emulated_parameter_gradients_are_written_in_the_weight_dtype(seed, order, dtype, with_weight):
+    """The backward writes dweight, dln_bias and dbias (fp32 sums) in weight's dtype (fp32 without a
+    weight), so autograd needs no cast op after them; the values are the twin's, rounded once."""
+    x, bias, residual, weight, ln_bias = _inputs(33, 96, dtype, contiguous=True)
+    weight = weight if with_weight else None
+    with emulated(order=order, seed=seed):
+        y, h, mean, rstd = torch.ops.fastbert.bias_dropout_residual_layernorm_fwd(
+            x, bias, residual, weight, ln_bias, 1e-12, 0.1, seed, 5)
+        dy = torch.randn(33, 96, dtype=dtype)
+        kern = torch.ops.fastbert.bias_dropout_residual_layernorm_bwd(dy, h, mean, rstd, weight, 0.1, seed, 5)
+    twin = mod.bias_dropout_residual_layernorm_bwd_twin(dy, h, mean, rstd, weight, 0.1, seed, 5)
+    want = dtype if with_weight else torch.float32
+    for name, k, t in zip(("dweight", "dln_bias", "dbias"), kern[2:], twin[2:]):
+        assert k.dtype == want and t.dtype == want, (name, k.dtype, t.dtype)
+        torch.testing.assert_close(k.float(), t.float(), rtol=1e-2, atol=1e-2, msg=name)

@@ -155,3 +155,20 @@ def test_gpu_selfcheck():
     results = bg.selfcheck(torch.device("cuda"))
     bad = [r for r in results if not r.ok]
     assert not bad, bad
+
+
+@needs_ext
+@needs_emulator
+@pytest.mark.parametrize("order", ["forward", "warp"])
+@pytest.mark.parametrize("x_dtype, bias_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                 (torch.bfloat16, torch.float32)])
+def test_emulated_dbias_is_written_in_the_bias_dtype(seed, order, x_dtype, bias_dtype):
+    """The backward writes dbias (fp32 sums) in the bias's dtype, so autograd needs no cast op after
+    it; the values are the twin's fp32 sums rounded once."""
+    x, dy = torch.randn(70, 96, dtype=x_dtype), torch.randn(70, 96, dtype=x_dtype)
+    bias = torch.randn(96, dtype=bias_dtype)
+    with emulated(order=order, seed=seed):
+        dx, dbias = torch.ops.fastbert.bias_gelu_bwd(dy, x, bias, "none")
+    t_dx, t_dbias = bg.bias_gelu_bwd_twin(dy, x, bias, "none")
+    assert dbias.dtype == bias_dtype and t_dbias.dtype == bias_dtype and dx.dtype == x_dtype
+    torch.testing.assert_close(dbias.float(), t_dbias.float(), rtol=1e-2, atol=1e-2)

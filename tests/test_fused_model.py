@@ -93,3 +93,31 @@ def test_dropout_on_the_fused_path_follows_torch_manual_seed(monkeypatch):
     assert loss(1) == loss(1)
     assert loss(1) != loss(2)
     assert loss(1) != loss(1, train=False)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("used", ["all", "no residual", "no key"])
+def test_projections_node_equals_separate_linears(bias, used):
+    """model.project (the kernel path's q, k, v + residual, and the intermediate dense + residual): one
+    autograd node whose backward sums x's gradients inside the matmuls gives the values and every
+    gradient (x, each weight and bias) of the separate linears and the residual use of x."""
+    from fastbert.model import project
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(16, n, dtype=torch.float64) for n in (16, 16, 24)]
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    upstream = [torch.randn(2, 5, n, dtype=torch.float64) for n in (16, 16, 24, 16)]  # q, k, v, residual
+    keep = [not (used == "no key" and i == 1) and not (used == "no residual" and i == 3) for i in range(4)]
+    leaves = [x] + [p for lin in linears for p in ((lin.weight, lin.bias) if bias else (lin.weight,))]
+
+    def grads(outs):
+        loss = sum((o * u).sum() for o, u, k in zip(outs, upstream, keep) if k)
+        return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves, allow_unused=True))
+
+    separate = grads([torch.nn.functional.linear(x, lin.weight, lin.bias if bias else None) for lin in linears] + [x])
+    fused = grads(project(x, linears, bias=bias))
+    assert len(fused) == len(separate)
+    for i, (f, s) in enumerate(zip(fused, separate)):
+        if s is None:
+            assert f is None or not f.any(), f"output {i}: expected no gradient"
+        else:
+            torch.testing.assert_close(f, s, rtol=1e-12, atol=1e-12, msg=f"output {i}")

@@ -79,15 +79,16 @@ struct BdrlnBwdParams {
   void* dx;               // [rows, hidden], dtype: d x (and d bias before the row sum); or nullptr
   void* dresidual;        // [rows, hidden], dtype: d residual (= d h)
   float* partial;         // workspace [3, num_partials, hidden]: dweight, dbeta, dbias partial sums
-  float* dweight;         // [hidden] fp32
-  float* dbeta;           // [hidden] fp32
-  float* dbias;           // [hidden] fp32
+  void* dweight;          // [hidden], grad_dtype
+  void* dbeta;            // [hidden], grad_dtype
+  void* dbias;            // [hidden], grad_dtype
   int64_t rows;
   int64_t hidden;
   RowDropout dropout;     // the forward's
   bool dropout_after_norm;  // the forward's
   DType dtype;
   cudaStream_t stream;
+  DType grad_dtype;       // of dweight, dbeta, dbias: the parameters' (fp32 by default)
 };
 
 // Rows of the backward's workspace (one per block of its first kernel) on the current device.

@@ -229,8 +229,8 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks(VEC, NV)) bdrln_bwd_ke
 constexpr int kReduceCols = kBdrlnReduceCols, kReduceRows = kBdrlnReduceRows;
 
 __global__ void __launch_bounds__(kReduceCols * kReduceRows) bdrln_reduce_kernel(
-    const float* __restrict__ partial, int64_t num_partials, int64_t hidden, float* __restrict__ dweight,
-    float* __restrict__ dbeta, float* __restrict__ dbias) {
+    const float* __restrict__ partial, int64_t num_partials, int64_t hidden, void* __restrict__ dweight,
+    void* __restrict__ dbeta, void* __restrict__ dbias, DType grad_dtype) {
   __shared__ float s[kReduceRows][kReduceCols + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kReduceCols + threadIdx.x;
   const float* base = partial + static_cast<int64_t>(blockIdx.y) * num_partials * hidden;
@@ -241,8 +241,8 @@ __global__ void __launch_bounds__(kReduceCols * kReduceRows) bdrln_reduce_kernel
   __syncthreads();
   if (threadIdx.y == 0 && col < hidden) {
     for (int r = 1; r < kReduceRows; ++r) v += s[r][threadIdx.x];
-    float* out = blockIdx.y == 0 ? dweight : blockIdx.y == 1 ? dbeta : dbias;
-    out[col] = v;
+    void* out = blockIdx.y == 0 ? dweight : blockIdx.y == 1 ? dbeta : dbias;
+    store_as(out, grad_dtype, col, v);
   }
 }
 
@@ -339,7 +339,7 @@ cudaError_t bdrln_bwd(const BdrlnBwdParams& p) {
   }
   const dim3 grid(static_cast<unsigned>(ceil_div(p.hidden, kReduceCols)), 3);
   FASTBERT_LAUNCH(grid, dim3(kReduceCols, kReduceRows), 0, p.stream, bdrln_reduce_kernel)(
-      p.partial, partials, p.hidden, p.dweight, p.dbeta, p.dbias);
+      p.partial, partials, p.hidden, p.dweight, p.dbeta, p.dbias, p.grad_dtype);
   return cudaGetLastError();
 }
 

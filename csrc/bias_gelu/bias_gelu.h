@@ -43,12 +43,13 @@ struct BiasGeluBwdParams {
   const float* bias;    // [cols] fp32
   void* dx;             // [rows, cols], dtype
   float* partial;       // workspace [num_partials, cols] fp32
-  float* dbias;         // [cols] fp32
+  void* dbias;          // [cols], dbias_dtype (the bias's)
   int64_t rows;
   int64_t cols;
   GeluKind kind;
   DType dtype;
   cudaStream_t stream;
+  DType dbias_dtype;
 };
 
 // Rows of the backward's workspace (its grid's row split) on the current device.

@@ -115,7 +115,8 @@ __global__ void __launch_bounds__(kTx * kTy) bias_gelu_bwd_kernel(BiasGeluBwdPar
 // dbias[c] = sum over the workspace rows; 32 columns x 8 row groups per block.
 __global__ void __launch_bounds__(kTx * kTy) bias_gelu_dbias_kernel(const float* __restrict__ partial,
                                                                      int64_t num_partials, int64_t cols,
-                                                                     float* __restrict__ dbias) {
+                                                                     void* __restrict__ dbias,
+                                                                     DType dbias_dtype) {
   __shared__ float s[kTy][kTx + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kTx + threadIdx.x;
   float v = 0.f;
@@ -125,7 +126,7 @@ __global__ void __launch_bounds__(kTx * kTy) bias_gelu_dbias_kernel(const float*
   __syncthreads();
   if (threadIdx.y == 0 && col < cols) {
     for (int r = 1; r < kTy; ++r) v += s[r][threadIdx.x];
-    dbias[col] = v;
+    store_as(dbias, dbias_dtype, col, v);
   }
 }
 
@@ -224,7 +225,7 @@ cudaError_t bias_gelu_bwd(const BiasGeluBwdParams& p) {
     if (err != cudaSuccess) return err;
   }
   FASTBERT_LAUNCH(static_cast<unsigned>(ceil_div(p.cols, kTx)), dim3(kTx, kTy), 0, p.stream, bias_gelu_dbias_kernel)(
-      p.partial, partials, p.cols, p.dbias);
+      p.partial, partials, p.cols, p.dbias, p.dbias_dtype);
   return cudaGetLastError();
 }
 

@@ -165,10 +165,11 @@ int emu_bias_gelu_fwd(const void* x, const float* bias, void* y, int64_t rows, i
   return guarded([&] { return fastbert::bias_gelu_fwd(p); });
 }
 
-int emu_bias_gelu_bwd(const void* dy, const void* x, const float* bias, void* dx, float* partial, float* dbias,
-                      int64_t rows, int64_t cols, int kind, int dtype) {
+int emu_bias_gelu_bwd(const void* dy, const void* x, const float* bias, void* dx, float* partial, void* dbias,
+                      int64_t rows, int64_t cols, int kind, int dtype, int dbias_dtype) {
   fastbert::BiasGeluBwdParams p{dy, x, bias, dx, partial, dbias, rows, cols, static_cast<fastbert::GeluKind>(kind),
-                                static_cast<fastbert::DType>(dtype), nullptr};
+                                static_cast<fastbert::DType>(dtype), nullptr,
+                                static_cast<fastbert::DType>(dbias_dtype)};
   return guarded([&] { return fastbert::bias_gelu_bwd(p); });
 }
 
@@ -188,11 +189,12 @@ int emu_bdrln_fwd(const void* x, const float* bias, const void* residual, const 
 }
 
 int emu_bdrln_bwd(const void* dy, const void* h, const float* mean, const float* rstd, const float* weight, void* dx,
-                  void* dresidual, float* partial, float* dweight, float* dbeta, float* dbias, int64_t rows,
-                  int64_t hidden, double dropout_p, uint64_t seed, uint32_t offset, int after_norm, int dtype) {
+                  void* dresidual, float* partial, void* dweight, void* dbeta, void* dbias, int64_t rows,
+                  int64_t hidden, double dropout_p, uint64_t seed, uint32_t offset, int after_norm, int dtype,
+                  int grad_dtype) {
   fastbert::BdrlnBwdParams p{dy, h, mean, rstd, weight, dx, dresidual, partial, dweight, dbeta, dbias, rows, hidden,
                              fastbert::make_row_dropout(dropout_p, seed, offset), after_norm != 0,
-                             static_cast<fastbert::DType>(dtype), nullptr};
+                             static_cast<fastbert::DType>(dtype), nullptr, static_cast<fastbert::DType>(grad_dtype)};
   return guarded([&] { return fastbert::bdrln_bwd(p); });
 }
 

@@ -58,12 +58,12 @@ _SIGNATURES = {
     "emu_attention_dropout_mask": [_P, _P, _I32, _I32, _I32, _I32, _U32, _F32, _U64, _U32],
     "emu_bias_gelu_bwd_num_partials": [_I64, _I64, _I32],
     "emu_bias_gelu_fwd": [_P, _P, _P, _I64, _I64, _I32, _I32],
-    "emu_bias_gelu_bwd": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32],
+    "emu_bias_gelu_bwd": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _I32],
     "emu_bdrln_bwd_num_partials": [_I64, _I64, _I32],
     "emu_bdrln_fwd": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _F32, ctypes.c_double, _U64, _U32, _I32,
                       _I32],
     "emu_bdrln_bwd": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, ctypes.c_double, _U64, _U32, _I32,
-                      _I32],
+                      _I32, _I32],
     "emu_configure": [_I32, _U64, _I32],
     "emu_last_error_message": [],
     "emu_selftest": [_I32, _P, _P, _P],
@@ -422,6 +422,7 @@ def bias_gelu_fwd(x, bias, approximate):
 
 
 def bias_gelu_bwd(dy, x, bias, approximate):
+    bias_dtype = bias.dtype
     bias = _bias_gelu_inputs(x, bias, approximate, "bias_gelu_bwd")
     _check_cpu("bias_gelu_bwd", dy)
     if dy.shape != x.shape or dy.dtype != x.dtype:
@@ -434,9 +435,9 @@ def bias_gelu_bwd(dy, x, bias, approximate):
         partials = _num_partials("emu_bias_gelu_bwd_num_partials", rows, cols, dtype)
         dx = torch.empty_like(x)
         workspace = torch.empty((partials, cols))
-        dbias = torch.empty(cols)
+        dbias = torch.empty(cols, dtype=bias_dtype)  # in the bias's dtype, as the binding
         _call("bias_gelu_bwd", "emu_bias_gelu_bwd", _ptr(dy), _ptr(x), _ptr(bias), _ptr(dx), _ptr(workspace),
-              _ptr(dbias), rows, cols, _GELU_KINDS[approximate], dtype)
+              _ptr(dbias), rows, cols, _GELU_KINDS[approximate], dtype, _DTYPES[bias_dtype])
     return dx, dbias
 
 
@@ -477,15 +478,16 @@ def bias_dropout_residual_layernorm_bwd(dy, h, mean, rstd, weight, dropout_p, se
     hidden = h.shape[-1]
     rows = h.numel() // hidden
     dy, h, mean, rstd = dy.contiguous(), h.contiguous(), mean.contiguous(), rstd.contiguous()
+    grad_dtype = weight.dtype if weight is not None else torch.float32  # the binding's: weight's dtype
     weight = _fp32_param(weight, hidden, "weight")
     with _lock:
         partials = _num_partials("emu_bdrln_bwd_num_partials", rows, hidden, dtype)
         dx, dresidual = torch.empty_like(h), torch.empty_like(h)
         workspace = torch.empty((3, partials, hidden))
-        dweight, dln_bias, dbias = torch.empty(hidden), torch.empty(hidden), torch.empty(hidden)
+        dweight, dln_bias, dbias = (torch.empty(hidden, dtype=grad_dtype) for _ in range(3))
         _call(op, "emu_bdrln_bwd", _ptr(dy), _ptr(h), _ptr(mean), _ptr(rstd), _ptr(weight), _ptr(dx),
               _ptr(dresidual), _ptr(workspace), _ptr(dweight), _ptr(dln_bias), _ptr(dbias), rows, hidden,
-              *_row_dropout(dropout_p, seed, offset, op), 0, dtype)
+              *_row_dropout(dropout_p, seed, offset, op), 0, dtype, _DTYPES[grad_dtype])
     return dx, dresidual, dweight, dln_bias, dbias
 
 
@@ -529,5 +531,5 @@ def embeddings_layernorm_dropout_bwd(dy, h, mean, rstd, weight, dropout_p, seed,
         dweight, dbias, unused = torch.empty(hidden), torch.empty(hidden), torch.empty(hidden)
         _call(op, "emu_bdrln_bwd", _ptr(dy), _ptr(h), _ptr(mean), _ptr(rstd), _ptr(weight), None, _ptr(dh),
               _ptr(workspace), _ptr(dweight), _ptr(dbias), _ptr(unused), rows, hidden,
-              *_row_dropout(dropout_p, seed, offset, op), 1, dtype)
+              *_row_dropout(dropout_p, seed, offset, op), 1, dtype, _DTYPES[torch.float32])
     return dh, dweight, dbias

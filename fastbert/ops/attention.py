@@ -270,6 +270,7 @@ if _backend.has_op("attention_varlen_fwd"):
         q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset = inputs
         out, lse = output
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros for lse's (never defined) gradient
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.args = (max_seqlen, scale, dropout_p, seed, offset)
 

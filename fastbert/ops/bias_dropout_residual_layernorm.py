@@ -7,7 +7,8 @@ drops out with Philox4x32-10 counter-based bits (csrc/row_dropout.h: element (ro
 iff philox({col / 4, row, 0, offset}, seed)[col % 4] < (1 - p) 2^32), adds the residual, rounds
 the sum h to the input dtype and normalizes it with fp32 statistics. The backward regenerates
 the mask from (seed, offset) and gives dx, dresidual, and the fp32 column sums dweight,
-dln_bias and dbias. `row_keep_mask` below computes the same mask on the host, bit for bit.
+dln_bias and dbias, written in weight's dtype (fp32 without a weight): in a model whose LayerNorm
+and bias share a dtype, no cast op follows. `row_keep_mask` below computes the same mask on the host, bit for bit.
 
     torch.ops.fastbert.bias_dropout_residual_layernorm_fwd(x, bias?, residual, weight?, ln_bias?, eps,
                                                            dropout_p, seed, offset) -> (y, h, mean, rstd)
@@ -85,8 +86,10 @@ def bias_dropout_residual_layernorm_bwd_twin(dy, h, mean, rstd, weight, dropout_
     c2 = (wdy * xhat).mean(dim=1, keepdim=True)
     dres = (wdy - c1 - xhat * c2) * rstd.to(dt)[:, None]
     dx = _dropped(dres, dropout_p, seed, offset) if dropout_p > 0.0 else dres.clone()  # two outputs, no alias
-    return (dx.to(h.dtype).reshape(h.shape), dres.to(h.dtype).reshape(h.shape), (g * xhat).sum(dim=0).float(),
-            g.sum(dim=0).float(), dx.sum(dim=0).float())
+    grad_dtype = weight.dtype if weight is not None else torch.float32  # fp32 sums written in weight's dtype
+    sums = ((g * xhat).sum(dim=0), g.sum(dim=0), dx.sum(dim=0))
+    return (dx.to(h.dtype).reshape(h.shape), dres.to(h.dtype).reshape(h.shape),
+            *(s.float().to(grad_dtype) for s in sums))
 
 
 def bias_dropout_residual_layer_norm_twin(x, bias, residual, weight, ln_bias, eps=1e-12, dropout_p=0.0,
@@ -116,7 +119,8 @@ if _backend.has_op(f"{_OP}_fwd"):
     @torch.library.register_fake(f"fastbert::{_OP}_bwd")
     def _bwd_fake(dy, h, mean, rstd, weight, dropout_p, seed, offset):
         hidden = h.shape[-1]
-        return (h.new_empty(h.shape), h.new_empty(h.shape), *(h.new_empty(hidden, dtype=torch.float32)
+        grad_dtype = weight.dtype if weight is not None else torch.float32
+        return (h.new_empty(h.shape), h.new_empty(h.shape), *(h.new_empty(hidden, dtype=grad_dtype)
                                                               for _ in range(3)))
 
     def _setup(ctx, inputs, output):
@@ -134,7 +138,7 @@ if _backend.has_op(f"{_OP}_fwd"):
             dy = torch.zeros_like(h)
         dx, dres, dweight, dln_bias, dbias = torch.ops.fastbert.bias_dropout_residual_layernorm_bwd(
             dy.contiguous(), h, mean, rstd, weight, *ctx.dropout)
-        bias_dt, weight_dt, ln_bias_dt = ctx.dtypes
+        bias_dt, weight_dt, ln_bias_dt = ctx.dtypes  # the .to()s below: no op where the dtypes agree
         return (dx, dbias.to(bias_dt) if bias_dt is not None else None, dres,
                 dweight.to(weight_dt) if weight_dt is not None else None,
                 dln_bias.to(ln_bias_dt) if ln_bias_dt is not None else None, None, None, None, None)

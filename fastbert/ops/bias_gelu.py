@@ -4,13 +4,14 @@ fused into one pass over the [tokens, intermediate] activation (forward and back
 `approximate` is F.gelu's: "none" is the exact erf GELU of BERT (transformers' hidden_act
 "gelu"), "tanh" the tanh approximation ("gelu_new", "gelu_pytorch_tanh"). The CUDA kernel
 (csrc/bias_gelu/) computes in fp32 and rounds once; its backward recomputes gelu'(x + bias) from
-x (nothing else is saved) and gives dbias as the fp32 row sum of dx, so the matmul before it
+x (nothing else is saved) and gives dbias as the fp32 row sum of dx, written in the bias's dtype
+(no cast op after it), so the matmul before it
 runs without its bias. cuBLASLt's GELU epilogue (torch._addmm_activation(..., use_gelu=True))
 would fuse the matmul too, but it computes the tanh approximation only, and BERT is trained
 with erf: the kernel serves both.
 
     torch.ops.fastbert.bias_gelu_fwd(x, bias, approximate) -> y
-    torch.ops.fastbert.bias_gelu_bwd(dy, x, bias, approximate) -> (dx, dbias fp32)
+    torch.ops.fastbert.bias_gelu_bwd(dy, x, bias, approximate) -> (dx, dbias in bias's dtype)
 """
 import math
 
@@ -47,7 +48,7 @@ def bias_gelu_bwd_twin(dy, x, bias, approximate):
     dt = _compute_dtype(x)
     cols = x.shape[-1]
     dx = dy.to(dt) * gelu_grad(x.to(dt) + bias.to(dt), approximate)
-    return dx.to(x.dtype), dx.reshape(-1, cols).sum(dim=0).float()
+    return dx.to(x.dtype), dx.reshape(-1, cols).sum(dim=0).float().to(bias.dtype)  # fp32 sums, bias's dtype
 
 
 def bias_gelu_twin(x, bias, approximate="none"):
@@ -69,7 +70,7 @@ if _backend.has_op("bias_gelu_fwd"):
 
     @torch.library.register_fake("fastbert::bias_gelu_bwd")
     def _bias_gelu_bwd_fake(dy, x, bias, approximate):
-        return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=torch.float32)
+        return x.new_empty(x.shape), x.new_empty(x.shape[-1], dtype=bias.dtype)
 
     def _bias_gelu_setup(ctx, inputs, output):
         x, bias, approximate = inputs
@@ -80,7 +81,7 @@ if _backend.has_op("bias_gelu_fwd"):
     def _bias_gelu_backward(ctx, dy):
         x, bias = ctx.saved_tensors
         dx, dbias = torch.ops.fastbert.bias_gelu_bwd(dy.contiguous(), x, bias, ctx.approximate)
-        return dx, dbias.to(ctx.bias_dtype), None
+        return dx, dbias.to(ctx.bias_dtype), None  # no op when the build writes the bias's dtype
 
     torch.library.register_autograd("fastbert::bias_gelu_fwd", _bias_gelu_backward, setup_context=_bias_gelu_setup)
 
