@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA kernels on the CPU (README: "How the kernels are tested without a GPU"): builds the
 # kernel emulator from csrc/ into build/emu/ (a normal and an AddressSanitizer build; only what
-# changed is recompiled), then runs every emulated kernel test under two thread orders (forward,
+# changed is recompiled), then runs every emulated kernel test (marked `emulator`) under two thread orders (forward,
 # warp) with the deliberately broken kernels, and again on the AddressSanitizer build under a
 # third order (random, seeded per test). Extra arguments go to both pytest runs.
 # Needs .venv with fastbert._C built (scripts/setup_env.sh); installs nothing.
@@ -20,8 +20,8 @@ assert _backend.has_op('gather_rows'), ('emulate.sh: fastbert._C did not load, s
 "$PY" -m fastbert.ops._emulator_build default asan
 
 echo "== emulated kernels, orders forward and warp, and the broken kernels" >&2
-FASTBERT_EMULATE_ORDERS=forward,warp "$PY" -m pytest -q -p no:cacheprovider -rs \
-  tests/test_emulator.py tests/test_emulated_kernels.py tests/test_emulator_catches_bugs.py "$@"
+# every test marked `emulator` (tests/emulation.py's needs_emulator), wherever it lives
+FASTBERT_EMULATE_ORDERS=forward,warp "$PY" -m pytest -q -p no:cacheprovider -rs -m emulator tests "$@"
 
 echo "== emulated kernels under AddressSanitizer, order random" >&2
 # python is not built with ASan: load libasan first, and libstdc++ with it (ASan's __cxa_throw
@@ -30,4 +30,5 @@ echo "== emulated kernels under AddressSanitizer, order random" >&2
 LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)" \
 ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 \
 FASTBERT_EMULATE_LIB="$PWD/build/emu/asan/libfastbert_emu.so" FASTBERT_EMULATE_ORDERS=random \
-  "$PY" -m pytest -q -p no:cacheprovider -rs --capture=sys tests/test_emulator.py tests/test_emulated_kernels.py "$@"
+  "$PY" -m pytest -q -p no:cacheprovider -rs --capture=sys -m emulator tests \
+  --ignore=tests/test_emulator_catches_bugs.py "$@"  # (that file builds and runs its own broken variants)

@@ -289,6 +289,7 @@ def test_gpu_training_step_has_no_host_sync(tmp_path):
 
 
 @pytest.mark.parametrize("given", [False, True])
+@pytest.mark.emulator
 def test_padded_kernel_path_builds_one_packing_per_forward_on_the_host(seed, given):
     """The padded path (padding_free=False) on the attention kernel (emulated on CPU): the Packing is
     built once per forward from a host mask and shared by the layers, or not at all when the caller
