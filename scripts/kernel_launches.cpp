@@ -38,7 +38,7 @@ const char* type_name(DType t) {
 }
 
 void attention() {
-  // attention_kernel.cu: dispatch() over fp16/bf16 and kAttentionHeadDims; launch_fwd/launch_bwd.
+  // attention_{fwd,bwd}_kernel.cu: dispatch() over fp16/bf16 and kAttentionHeadDims; launch_fwd/launch_bwd.
   for (const char* t : {"__half", "__nv_bfloat16"}) {
     for (int d : fastbert::kAttentionHeadDims) {
       const std::string args = std::string("<") + t + ", " + std::to_string(d) + ">";

@@ -4,7 +4,7 @@ counted statically from their SASS (issue 11: the measurement the attention rewr
     python scripts/sass_report.py [--archs 80,90] [--head-dims 32,64,128] [--json out.json]
 
 Where the kernels come from:
-- ours: the sm_XX cubin of csrc/attention/attention_kernel.cu inside fastbert/_C*.so when the
+- ours: the sm_XX cubin of csrc/attention/attention_{fwd,bwd}_kernel.cu inside fastbert/_C*.so when the
   extension holds that architecture (`cuobjdump -xelf`), else a fresh `nvcc -cubin -lineinfo` of
   the same source with setup.py's flags (so sm_80 needs no sm_80 build of the extension);
 - FlashAttention-2: torch/lib/libtorch_cuda.so (`cuobjdump -lelf`/`-xelf` extract the sm_80 and
@@ -417,15 +417,15 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
 
 
-def ours_cubin(arch, cuobjdump, work):
-    """The attention cubin for sm_<arch>: from fastbert/_C*.so if it holds one, else nvcc."""
+def ours_cubin(arch, kind, cuobjdump, work):
+    """The attention_<kind>_kernel cubin for sm_<arch>: from fastbert/_C*.so if it holds one, else nvcc."""
     sos = sorted(glob.glob(os.path.join(ROOT, "fastbert", "_C*.so")))
     if sos:
         listing = run([cuobjdump, "-lelf", sos[0]])
-        names = [ln.split(":")[-1].strip() for ln in listing.splitlines() if "attention_kernel" in ln]
+        names = [ln.split(":")[-1].strip() for ln in listing.splitlines() if f"attention_{kind}_kernel." in ln]
         match = [nm for nm in names if nm.endswith(f".sm_{arch}.cubin")]
         if match:
-            d = os.path.join(work, f"so_{arch}")
+            d = os.path.join(work, f"so_{arch}_{kind}")
             os.makedirs(d, exist_ok=True)
             run([cuobjdump, "-xelf", match[0], sos[0]], cwd=d)
             return os.path.join(d, match[0]), f"{os.path.relpath(sos[0], ROOT)}"
@@ -433,12 +433,12 @@ def ours_cubin(arch, cuobjdump, work):
                              shutil.which("nvcc")) if c and os.path.isfile(c)), None)
     if nvcc is None:
         raise CountError(f"fastbert/_C*.so holds no sm_{arch} attention code and no nvcc is found")
-    out = os.path.join(work, f"attention_sm{arch}.cubin")
+    out = os.path.join(work, f"attention_{kind}_sm{arch}.cubin")
     # setup.py's nvcc flags for the kernels
     run([nvcc, "-std=c++17", f"-arch=sm_{arch}", "-cubin", "-O3", "-lineinfo", "--expt-relaxed-constexpr",
          "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
          "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", f"-I{os.path.join(ROOT, 'csrc')}", "-o", out,
-         os.path.join(ROOT, "csrc", "attention", "attention_kernel.cu")])
+         os.path.join(ROOT, "csrc", "attention", f"attention_{kind}_kernel.cu")])
     return out, f"nvcc -arch=sm_{arch} -O3 -lineinfo (fresh compile)"
 
 
@@ -541,7 +541,9 @@ def report(archs, head_dims, kinds=("fwd", "bwd")):
     fa2 = fa2_cubins(archs, cuobjdump, cache)
     with tempfile.TemporaryDirectory() as work:
         for arch in archs:
-            ours_path, sources[f"ours_sm{arch}"] = ours_cubin(arch, cuobjdump, work)
+            ours_paths = {}
+            for kind in kinds:
+                ours_paths[kind], sources[f"ours_{kind}_sm{arch}"] = ours_cubin(arch, kind, cuobjdump, work)
             sources[f"fa2_sm{arch}"] = f"torch {torch.__version__} lib/libtorch_cuda.so"
             wanted = _fa2_kernels(fa2[arch], kinds, head_dims)
             disasm = {}
@@ -560,7 +562,7 @@ def report(archs, head_dims, kinds=("fwd", "bwd")):
                             row = {"arch": f"sm_{arch}", "variant": variant, "head_dim": d, "kernel": who}
                             rows.append(row)
                             if who == "ours":
-                                funcs, res, spills, names = load(ours_path)
+                                funcs, res, spills, names = load(ours_paths[kind])
                                 mangled = next((m for m, n in names.items()
                                                 if f"attention_{kind}_kernel<__nv_bfloat16, {d}>" in n), None)
                                 tile = (OURS_BLOCK, OURS_BLOCK, OURS_THREADS // 32)

@@ -34,7 +34,7 @@ BREAKS = {
         "    Vec* d = reinterpret_cast<Vec*>(dst + row * dst_stride);\n"
         "    for (int64_t v = lane; v <= vecs_per_row; v += 32) d[v] = s[v];", True),
     "mma_fragments_swapped": (
-        "attention/attention_kernel.cu",
+        "attention/attention_common.cuh",
         "  a[1] = ld32(r1);\n  a[2] = ld32(r0 + 8);",
         "  a[1] = ld32(r0 + 8);\n  a[2] = ld32(r1);", False),
     "syncthreads_removed": (

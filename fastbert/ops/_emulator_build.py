@@ -12,6 +12,7 @@ import concurrent.futures
 import glob
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,8 +74,9 @@ def _compiler_version():
 def build(variant: str = "default", defines=(), replace=None, jobs: int = None, quiet: bool = False) -> Path:
     """Builds (what changed) and returns the library of `variant`.
 
-    replace: {path of a .cu/.cc under csrc/: source text} compiles that text instead (the broken
-    kernels of the tests). Objects are cached by the hash of their source, every header, the
+    replace: {path of a .cu/.cc/.h/.cuh under csrc/: source text} compiles that text instead (the
+    broken kernels of the tests; a replaced header is written to build/emu/<variant>/headers/, which
+    comes before csrc/ on the include path). Objects are cached by the hash of their source, every header, the
     flags and the compiler, so a variant recompiles only the files it changes.
     """
     include = cuda_include()
@@ -83,9 +85,19 @@ def build(variant: str = "default", defines=(), replace=None, jobs: int = None, 
     out_dir = BUILD / variant
     lib = out_dir / LIBRARY
     common = hashlib.sha256(repr((flags, include, _compiler_version())).encode())
+    header_dir = None
+    shutil.rmtree(BUILD / variant / "headers", ignore_errors=True)  # none from an earlier replace
     for p in _headers():
-        common.update(str(p.relative_to(CSRC)).encode())
-        common.update(p.read_bytes())
+        rel = str(p.relative_to(CSRC))
+        common.update(rel.encode())
+        if rel in replace:
+            header_dir = BUILD / variant / "headers"
+            (header_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (header_dir / rel).write_text(replace[rel])
+            common.update(replace[rel].encode())
+        else:
+            common.update(p.read_bytes())
+    first = [f"-I{header_dir}"] if header_dir else []
     jobs_list = []
     for src in sources():
         rel = str(src.relative_to(CSRC))
@@ -116,10 +128,10 @@ def build(variant: str = "default", defines=(), replace=None, jobs: int = None, 
         # a replaced source is compiled from stdin under the same name (#line keeps file:line true)
         name = str(src.relative_to(ROOT))
         if rel in replace:
-            cmd = [_compiler(), *flags, f"-I{CSRC}", f"-I{src.parent}", f"-I{include}", "-c", "-", "-o", str(tmp)]
+            cmd = [_compiler(), *flags, *first, f"-I{CSRC}", f"-I{src.parent}", f"-I{include}", "-c", "-", "-o", str(tmp)]
             stdin = f'#line 1 "{name}"\n'.encode() + text
         else:
-            cmd = [_compiler(), *flags, f"-I{CSRC}", f"-I{include}", "-c", name, "-o", str(tmp)]
+            cmd = [_compiler(), *flags, *first, f"-I{CSRC}", f"-I{include}", "-c", name, "-o", str(tmp)]
             stdin = None
         r = subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True)
         if r.returncode != 0:
