@@ -91,14 +91,15 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
       }
     }
     if (p.dropout.enabled) {  // after the row sums: dropout acts on the normalized probabilities
+      // one Philox call per 16 x 32 block: fragment nt's element e is byte 4 * (nt % 4) + e
 #pragma unroll
-      for (int nt = 0; nt < kBlockN / 8; ++nt) {
-        const int col = n0 + nt * 8 + 2 * t;  // even, so col and col + 1 share one Philox call
+      for (int q4 = 0; q4 < kBlockN / 32; ++q4) {
+        const uint4 w = dropout_words(p.dropout, static_cast<int64_t>(start) + m0 + warp * 16, head, n0 + 32 * q4, lane);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const uint4 bits = dropout_bits(p.dropout, static_cast<int64_t>(start) + row[r], head, col);
-          if (pick(bits, col & 3) >= p.dropout.keep_threshold) s[nt][2 * r] = 0.f;
-          if (pick(bits, (col & 3) + 1) >= p.dropout.keep_threshold) s[nt][2 * r + 1] = 0.f;
+        for (int f = 0; f < 4; ++f) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (!dropout_keep_byte(w, 4 * f + e, p.dropout.keep_threshold)) s[4 * q4 + f][e] = 0.f;
         }
       }
     }
