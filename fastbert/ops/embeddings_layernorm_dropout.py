@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import _backend, _validate
+from fastbert.ops._kernel_params import kernel_params
 from fastbert.ops.bias_dropout_residual_layernorm import MAX_KERNEL_HIDDEN, _draw_seed_offset, _dropped
 
 _OP = "embeddings_layernorm_dropout"
@@ -141,6 +142,7 @@ def embeddings_layer_norm_dropout(a: torch.Tensor, b: torch.Tensor, c: torch.Ten
     tensors = [t for t in (a, b, c, weight, bias) if t is not None]
     if same_dtype and hidden <= MAX_KERNEL_HIDDEN and _backend.use_kernel(f"{_OP}_fwd", *tensors):
         seed, offset = _draw_seed_offset() if p > 0.0 else (0, 0)
+        weight, bias = kernel_params(weight, bias)  # bf16/fp16 ones without a gradient: fp32 once, not per call
         return torch.ops.fastbert.embeddings_layernorm_dropout_fwd(a, b, c, weight, bias, float(eps), p, seed,
                                                                    offset)[0]
     return embeddings_layer_norm_dropout_twin(a, b, c, weight, bias, eps, p, p > 0.0)
