@@ -9,6 +9,7 @@ import signal
 import threading
 
 import torch
+import torch.distributed as dist
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -85,8 +86,7 @@ class StopVote:
     result waits only for that copy (recorded before the next step was queued), not for the step."""
 
     def __init__(self, device, group=None):
-        import torch.distributed as dist
-        self._dist, self.group = dist, group
+        self.group = group
         cuda = dist.get_backend(group) == "nccl"
         device = torch.device(device)
         self._flag = torch.empty(1, device=device if cuda else "cpu")
@@ -110,7 +110,6 @@ class StopVote:
         self._result()
 
     def _launch(self, requested):
-        dist = self._dist
         if self._stream is None:  # gloo: a CPU tensor; the reduce runs on gloo's threads
             self._flag.fill_(float(requested))
             self._pending = (dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), None)
