@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fastbert.config import BertConfig, preset
-from fastbert.interrupt import StopRequest
+from fastbert.interrupt import StopRequest, StopVote
 from fastbert.model import BertForPreTraining, Packing
 
 CHECKPOINT = "checkpoint.pt"
@@ -525,9 +525,11 @@ class Trainer:
         self._window = window
         start_time, start_step = time.perf_counter(), self.step
         last_eval, saved_at = None, None
-        self._stop = StopRequest("\nfastbert pretrain: stopping after this step with a checkpoint (press Ctrl-C "
+        when = "this step" if self.world == 1 else "the next step"  # several processes: StopVote's one step late
+        self._stop = StopRequest(f"\nfastbert pretrain: stopping after {when} with a checkpoint (press Ctrl-C "
                                  "again to stop at once, keeping the last checkpoint)\n" if self.main else None)
         pending, step_loss = None, float("nan")  # (step, loss tensor) of the step whose loss is not read yet
+        self._vote = StopVote(self.device) if self.world > 1 else None
         try:
             self._stop.install()
             while self.step < end and not self._stop_agreed():
@@ -560,6 +562,8 @@ class Trainer:
                     self.save()
                     saved_at = self.step
             interrupted = self.step < end
+            if self._vote is not None and not interrupted:
+                self._vote.finish()  # the last boundary's vote, launched by every process
             if interrupted and saved_at != self.step:
                 if pending is not None:  # never save what a non-finite step wrote
                     self._checked_loss(*pending)
@@ -568,18 +572,16 @@ class Trainer:
             self._stop.uninstall()
             if bar is not None:
                 bar.close()
-            self._stop = self._window = None
+            self._stop = self._window = self._vote = None
         return self._summary(start_time, start_step, last_eval, interrupted)
 
     def _stop_agreed(self):
-        """Whether to stop at this step boundary: a signal reached this process (or, with several
-        processes, any of them: all stop at the same step)."""
-        requested = self._stop.requested
-        if self.world > 1:
-            stop = torch.tensor([float(requested)], device=self.device)
-            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
-            requested = bool(stop.item())
-        return requested
+        """Whether to stop at this step boundary: a signal reached this process. With several processes,
+        whether one reached any of them by the previous boundary (StopVote: no host wait for the others
+        inside a step); all stop at the same boundary, one step after the signal's."""
+        if self._vote is None:
+            return self._stop.requested
+        return self._vote.vote(self._stop.requested)
 
     def _checked_loss(self, step, loss):
         """The loss of optimizer step `step` as a float (a host sync); stops the run if it is not finite.

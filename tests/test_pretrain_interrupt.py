@@ -275,3 +275,68 @@ def test_ctrl_c_in_a_terminal_with_dataloader_workers(tmp_path):
     assert p.returncode == 130 and "Traceback" not in err and "continue with:" in err, err[-3000:]
     rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     assert torch.load(out / CHECKPOINT, weights_only=False)["step"] == rows[-1]["step"] >= 6
+
+
+class _RecordedWork:
+    """An all_reduce's Work that notes the step counter when the loop waits for it."""
+
+    def __init__(self, work, entry, trainer):
+        self.work, self.entry, self.trainer = work, entry, trainer
+
+    def wait(self, *a, **k):
+        self.entry["waited_at"] = self.trainer.step
+        return self.work.wait(*a, **k)
+
+
+def _two_process_worker(rank, world, init_file, args, at, report):
+    """One process of a 2-process gloo run: process 1 alone gets SIGINT during step `at`. Notes every
+    1-element all_reduce (the stop vote): the step at its launch, async or not, the step at its wait."""
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trainer = Trainer(TrainArgs(**args))
+        votes, real = [], torch.distributed.all_reduce
+
+        def all_reduce(tensor, *a, **k):
+            work = real(tensor, *a, **k)
+            if tensor.numel() != 1:
+                return work
+            entry = {"launched_at": trainer.step, "async": bool(k.get("async_op")), "waited_at": None}
+            votes.append(entry)
+            return _RecordedWork(work, entry, trainer) if work is not None else None
+        torch.distributed.all_reduce = all_reduce
+        if rank == 1:
+            steps = []
+            trainer.optimizer.register_step_post_hook(
+                lambda *a: (steps.append(1), len(steps) == at and signal.raise_signal(signal.SIGINT)))
+        summary = trainer.train()
+        with open(report.format(rank=rank), "w") as f:
+            json.dump({"step": summary["step"], "interrupted": summary["interrupted"], "votes": votes}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_two_processes_agree_on_the_stop_one_step_late_without_waiting_inside_a_step(setup, tmp_path):
+    """A real 2-process gloo group; SIGINT reaches process 1 only, during step AT. Each step boundary
+    launches its stop vote asynchronously and reads the previous boundary's, so both processes run
+    step AT+1 and stop at the same boundary, AT+1, with one checkpoint of that step; every vote is
+    waited for one step after its launch (never inside the step that launched it)."""
+    root, base, _ = setup
+    out = tmp_path / "ddp"
+    args = {**base, "out": str(out), "steps": STEPS}
+    report = str(tmp_path / "rank{rank}.json")
+    torch.multiprocessing.start_processes(_two_process_worker, args=(2, str(tmp_path / "init"), args, AT, report),
+                                          nprocs=2, join=True, start_method="spawn")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["interrupted"] and r["step"] == AT + 1, r
+        votes = r["votes"]
+        assert [v["launched_at"] for v in votes] == list(range(AT + 1))  # boundaries 0..AT; at AT+1 it stops
+        assert all(v["async"] for v in votes), votes
+        assert all(v["waited_at"] == v["launched_at"] + 1 for v in votes), votes
+    ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+    assert ckpt["step"] == AT + 1 and len(ckpt["rng"]) == 2

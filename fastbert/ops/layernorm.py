@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import _backend, _validate
+from fastbert.ops._kernel_params import kernel_params
 
 MAX_KERNEL_HIDDEN = 8192  # csrc/layernorm/layernorm.h: kLayerNormMaxHidden
 
@@ -129,6 +130,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         if residual is not None and residual.dtype != x.dtype:  # the promotion `x + residual` would do
             dtype = torch.promote_types(x.dtype, residual.dtype)
             x, residual = x.to(dtype), residual.to(dtype)
+        weight, bias = kernel_params(weight, bias)  # bf16/fp16 ones without a gradient: fp32 once, not per call
         return torch.ops.fastbert.layernorm_fwd(x, residual, weight, bias, float(eps))[0]
     return layer_norm_twin(x, weight, bias, eps, residual)
 
