@@ -201,14 +201,7 @@ at::Tensor scatter_rows_cuda(const at::Tensor& src_in, const at::Tensor& index_i
 // ---- attention ----------------------------------------------------------------------------
 fastbert::AttentionDropout attention_dropout(double dropout_p, int64_t seed, int64_t offset) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention: dropout_p must be in [0, 1), got ", dropout_p);
-  fastbert::AttentionDropout d{};
-  d.enabled = dropout_p > 0.0;
-  const double threshold = std::floor((1.0 - dropout_p) * 4294967296.0);
-  d.keep_threshold = threshold >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(threshold);
-  d.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
-  d.seed = static_cast<uint64_t>(seed);
-  d.offset = static_cast<uint32_t>(offset);
-  return d;
+  return fastbert::make_attention_dropout(dropout_p, static_cast<uint64_t>(seed), static_cast<uint32_t>(offset));
 }
 
 // Unit stride along head_dim, 16-byte aligned rows: what the kernel's vector loads need.

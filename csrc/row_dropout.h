@@ -4,12 +4,14 @@
 // with keep_threshold = min(floor((1 - p) * 2^32), 2^32 - 1), and kept values are scaled by
 // keep_scale = 1 / (1 - p). The forward and the backward regenerate the same mask from
 // (seed, offset); the Python twin (fastbert/ops/bias_dropout_residual_layernorm.py, row_keep_mask)
-// computes it bit for bit. The same Philox as csrc/attention/ (whose counter is {key / 4, token,
-// head, offset}). CUDA headers only.
+// computes it bit for bit. Philox itself is csrc/philox.cuh, shared with the attention kernels.
+// CUDA headers only.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cuda_runtime.h>
+
+#include "philox.cuh"
 
 namespace fastbert {
 
@@ -33,34 +35,18 @@ inline RowDropout make_row_dropout(double p, uint64_t seed, uint32_t offset) {
   return d;
 }
 
-__host__ __device__ __forceinline__ uint4 row_dropout_philox(uint4 c, uint2 k) {
-#pragma unroll
-  for (int round = 0; round < 10; ++round) {
-#ifdef __CUDA_ARCH__
-    const uint32_t hi0 = __umulhi(0xD2511F53u, c.x), hi1 = __umulhi(0xCD9E8D57u, c.z);
-#else
-    const uint32_t hi0 = static_cast<uint32_t>((uint64_t(0xD2511F53u) * c.x) >> 32);
-    const uint32_t hi1 = static_cast<uint32_t>((uint64_t(0xCD9E8D57u) * c.z) >> 32);
-#endif
-    const uint32_t lo0 = 0xD2511F53u * c.x, lo1 = 0xCD9E8D57u * c.z;
-    c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
-    k.x += 0x9E3779B9u;
-    k.y += 0xBB67AE85u;
-  }
-  return c;
-}
 
 // Bit j of the result: whether element (row, col0 + j) is kept, for j < VEC. One Philox call
 // per 4 columns when col0 is a multiple of 4 and VEC of 4 (the vector path), else one per column.
 template <int VEC>
 __host__ __device__ __forceinline__ uint32_t row_dropout_keep_bits(const RowDropout& d, int64_t row, int64_t col0) {
   if (!d.enabled) return (VEC >= 32) ? 0xffffffffu : ((1u << VEC) - 1u);
-  const uint2 key = make_uint2(static_cast<uint32_t>(d.seed), static_cast<uint32_t>(d.seed >> 32));
+  const uint2 key = philox_key(d.seed);
   uint32_t bits = 0;
   if (VEC % 4 == 0) {
 #pragma unroll
     for (int q = 0; q < VEC / 4; ++q) {
-      const uint4 w = row_dropout_philox(
+      const uint4 w = philox4x32_10(
           make_uint4(static_cast<uint32_t>(col0 / 4 + q), static_cast<uint32_t>(row), 0u, d.offset), key);
       bits |= (uint32_t(w.x < d.keep_threshold) | (uint32_t(w.y < d.keep_threshold) << 1) |
                (uint32_t(w.z < d.keep_threshold) << 2) | (uint32_t(w.w < d.keep_threshold) << 3)) << (4 * q);
@@ -69,7 +55,7 @@ __host__ __device__ __forceinline__ uint32_t row_dropout_keep_bits(const RowDrop
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int64_t col = col0 + j;
-      const uint4 w = row_dropout_philox(
+      const uint4 w = philox4x32_10(
           make_uint4(static_cast<uint32_t>(col / 4), static_cast<uint32_t>(row), 0u, d.offset), key);
       const int k = static_cast<int>(col % 4);
       const uint32_t word = k == 0 ? w.x : k == 1 ? w.y : k == 2 ? w.z : w.w;

@@ -70,7 +70,34 @@ def test_dropout_keep_mask_rate_and_determinism():
     assert not m1[0, :, 100:].any() and not m1[0, :, :, 100:].any() and not m1[1].any()
     n = 3 * (100 * 100 + 200 * 200)
     rate = m1.sum().item() / n
-    assert abs(rate - 0.9) < 5 * math.sqrt(0.9 * 0.1 / n)
+    keep = A.attention_keep_threshold(0.1) / 256  # 230 / 256: the 8-bit threshold's keep probability
+    assert keep == 230 / 256 and A.attention_keep_scale(0.1) == np.float32(256 / 230)
+    assert abs(rate - keep) < 5 * math.sqrt(keep * (1 - keep) / n)
+
+
+def test_dropout_keep_mask_follows_the_documented_rule():
+    """attention.h's rule, element by element, against the vectorized twin (and one Philox call per
+    16 elements: the 16 elements of one (block, lane) share one counter)."""
+    cu = torch.tensor([0, 37, 37, 130], dtype=torch.int32)
+    heads, seed, offset, p = 2, 2 ** 35 + 12345, 77, 0.3
+    mask = A.dropout_keep_mask(cu, heads, 93, p, seed, offset)
+    thr = A.attention_keep_threshold(p)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        b = int(rng.choice([0, 2]))
+        start, length = int(cu[b]), int(cu[b + 1] - cu[b])
+        h, i, j = int(rng.integers(heads)), int(rng.integers(length)), int(rng.integers(length))
+        r, c = i % 16, j % 32
+        lane = (r % 8) * 4 + (c % 8) // 2
+        byte = (c // 8) * 4 + (r // 8) * 2 + c % 2
+        w = A.philox4x32_10(np.array([32 * (j // 32) + lane]), np.array([start + 16 * (i // 16)]), np.array([h]),
+                            np.array([offset]), seed & 0xFFFFFFFF, seed >> 32)
+        u8 = (int(w[byte // 4][0]) >> (8 * (byte % 4))) & 0xFF
+        assert bool(mask[b, h, i, j]) == (u8 < thr), (b, h, i, j)
+    # one call per 16 elements: the (i // 16, j // 32, lane) groups have 16 members each
+    i, j = np.meshgrid(np.arange(16), np.arange(32), indexing="ij")
+    lanes = (i % 8) * 4 + (j % 8) // 2
+    assert sorted(np.bincount(lanes.ravel()).tolist()) == [16] * 32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -222,7 +249,8 @@ def test_dropout_keep_rate_and_consistency(seed, dtype):
     keep = torch.ops.fastbert.attention_dropout_mask(cu, heads, max_len, p, 11, 22)
     n = heads * sum(x * x for x in [1, 7, 97, 128, 333])
     rate = keep.sum().item() / n
-    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    want = A.attention_keep_threshold(p) / 256
+    assert abs(rate - want) < 5 * math.sqrt(want * (1 - want) / n)
     grad = torch.randn_like(q)
 
     def kernel(a, b, c):
@@ -308,7 +336,7 @@ def test_padded_entry_kernel_path_on_cpu(seed, monkeypatch, dropout_p):
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dim) + A.additive_mask(mask, torch.float32)
     probs = torch.softmax(scores, -1)
     if dropout_p > 0:
-        probs = probs * keep / (1 - dropout_p)
+        probs = probs * keep * A.attention_keep_scale(dropout_p)
     ref = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     want = torch.autograd.grad(ref, (q, k, v), grad)
     torch.testing.assert_close(out[real], ref[real])

@@ -3,6 +3,8 @@
 // (last dim contiguous, rows/heads strided); sequence b owns tokens [cu_seqlens[b], cu_seqlens[b+1]).
 // lse is [heads, total_tokens] fp32, natural log of sum_j exp(scale * q.k_j).
 #pragma once
+#include <cmath>
+
 #include "common.h"
 
 namespace fastbert {
@@ -36,18 +38,38 @@ constexpr size_t attention_bwd_smem_bytes(int head_dim, int element_size) {
              element_size + 2 * kAttentionBlockM * sizeof(float);
 }
 
-// Dropout on the attention probabilities: element (token t, head h, key j) of a sequence is
-// kept iff philox4x32_10(counter = {j / 4, t, h, offset}, key = {seed_lo, seed_hi})[j % 4]
-// < keep_threshold, with keep_threshold = min(floor((1 - p) * 2^32), 2^32 - 1); kept values are
-// scaled by 1 / (1 - p). t is the packed token index of the query, j the key's position in its
-// sequence. The forward, the backward and attention_dropout_mask use this one rule.
+// Dropout on the attention probabilities, one Philox4x32-10 call (csrc/philox.cuh) per 16
+// elements with 8-bit thresholds (FlashAttention-2's economy). Element (query i, key j) -- positions
+// in sequence b, whose first packed token is cu = cu_seqlens[b] -- of head h lies in the 16 x 32
+// block (ib, jb) = (i / 16, j / 32) at (r, c) = (i % 16, j % 32), and takes
+//     lane = (r % 8) * 4 + (c % 8) / 2,   byte = (c / 8) * 4 + (r / 8) * 2 + c % 2,
+//     w = philox4x32_10(counter = {32 * jb + lane, cu + 16 * ib, h, offset}, key = {seed_lo, seed_hi}),
+// and is kept iff byte `byte` of w (word byte / 4, bits 8 * (byte % 4) and up) < keep_threshold,
+// keep_threshold = clamp(rint((1 - p) * 256), 1, 256); kept values are scaled by keep_scale =
+// 256 / keep_threshold, so the keep probability is keep_threshold / 256 (p = 0.1: 230 / 256).
+// lane and byte are the mma.m16n8k16 C-fragment layout of a warp holding 16 query rows and 32
+// keys: thread lane's element e of n8 fragment nt is byte 4 * (nt % 4) + e of its own call. The
+// forward, the backward and attention_dropout_mask use this one rule; fastbert/ops/attention.py
+// (dropout_keep_mask) is its twin.
 struct AttentionDropout {
   bool enabled;
-  uint32_t keep_threshold;
-  float keep_scale;    // 1 / (1 - p)
+  uint32_t keep_threshold;  // 1 .. 256, compared with one random byte
+  float keep_scale;         // 256 / keep_threshold
   uint64_t seed;
   uint32_t offset;
 };
+
+// The rule above for a dropout probability p in [0, 1).
+inline AttentionDropout make_attention_dropout(double p, uint64_t seed, uint32_t offset) {
+  AttentionDropout d{};
+  d.enabled = p > 0.0;
+  const double t = std::nearbyint((1.0 - p) * 256.0);
+  d.keep_threshold = t < 1.0 ? 1u : t > 256.0 ? 256u : static_cast<uint32_t>(t);
+  d.keep_scale = 256.0f / static_cast<float>(d.keep_threshold);
+  d.seed = seed;
+  d.offset = offset;
+  return d;
+}
 
 // What the forward and the backward share: the packed q, k, v and their sequences.
 struct AttentionProblem {

@@ -68,9 +68,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int qc = j * 8 + 2 * t + (e & 1);
-          const int kr = key[e >> 1];
-          const uint4 bits = dropout_bits(p.dropout, static_cast<int64_t>(start) + m0 + qc, head, kr);
-          keep |= static_cast<uint32_t>(pick(bits, kr & 3) < p.dropout.keep_threshold) << (4 * j + e);
+          keep |= static_cast<uint32_t>(dropout_keep(p.dropout, start, head, m0 + qc, key[e >> 1])) << (4 * j + e);
         }
       }
     }

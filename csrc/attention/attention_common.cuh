@@ -30,6 +30,7 @@
 #include <cuda_fp16.h>
 
 #include "device_utils.cuh"
+#include "philox.cuh"
 
 namespace fastbert {
 namespace {
@@ -41,34 +42,33 @@ constexpr int kLdT = kAttentionLdT;          // row length of the transposed til
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// ----------------------------------------------------------------------------- Philox4x32-10
+// ----------------------------------------------------------------------------- dropout (attention.h's rule)
 
-__host__ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
-#pragma unroll
-  for (int round = 0; round < 10; ++round) {
-#ifdef __CUDA_ARCH__
-    const uint32_t hi0 = __umulhi(0xD2511F53u, c.x), hi1 = __umulhi(0xCD9E8D57u, c.z);
-#else
-    const uint32_t hi0 = static_cast<uint32_t>((uint64_t(0xD2511F53u) * c.x) >> 32);
-    const uint32_t hi1 = static_cast<uint32_t>((uint64_t(0xCD9E8D57u) * c.z) >> 32);
-#endif
-    const uint32_t lo0 = 0xD2511F53u * c.x, lo1 = 0xCD9E8D57u * c.z;
-    c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
-    k.x += 0x9E3779B9u;
-    k.y += 0xBB67AE85u;
-  }
-  return c;
-}
-
-// The four random words covering keys 4*(key/4) .. 4*(key/4)+3 of (token, head).
-__device__ __forceinline__ uint4 dropout_bits(const AttentionDropout& d, int64_t token, int head, int key) {
-  return philox4x32_10(
-      make_uint4(static_cast<uint32_t>(key) >> 2, static_cast<uint32_t>(token), static_cast<uint32_t>(head), d.offset),
-      make_uint2(static_cast<uint32_t>(d.seed), static_cast<uint32_t>(d.seed >> 32)));
+// The Philox words of `lane` in the 16 x 32 dropout block whose first query is packed token row0
+// (cu + 16 * ib) and whose first key is key0 (32 * jb): its 16 elements, byte 4 * f + e being
+// element e of the block's n8 fragment f.
+__device__ __forceinline__ uint4 dropout_words(const AttentionDropout& d, int64_t row0, int head, int key0, int lane) {
+  return philox4x32_10(make_uint4(static_cast<uint32_t>(key0 + lane), static_cast<uint32_t>(row0),
+                                  static_cast<uint32_t>(head), d.offset),
+                       philox_key(d.seed));
 }
 
 __device__ __forceinline__ uint32_t pick(const uint4& r, int i) {
   return i == 0 ? r.x : i == 1 ? r.y : i == 2 ? r.z : r.w;
+}
+
+// Whether byte `byte` (0..15) of w keeps its element.
+__device__ __forceinline__ bool dropout_keep_byte(const uint4& w, int byte, uint32_t keep_threshold) {
+  return ((pick(w, byte >> 2) >> (8 * (byte & 3))) & 0xffu) < keep_threshold;
+}
+
+// The keep decision of one element (query i, key j: positions in the sequence starting at packed
+// token cu), one Philox call: for code that does not hold a whole block in the forward's layout.
+__device__ __forceinline__ bool dropout_keep(const AttentionDropout& d, int64_t cu, int head, int i, int j) {
+  const int r = i & 15, c = j & 31;
+  const int lane = (r & 7) * 4 + (c & 7) / 2;
+  const int byte = (c >> 3) * 4 + (r >> 3) * 2 + (c & 1);
+  return dropout_keep_byte(dropout_words(d, cu + (i & ~15), head, j & ~31, lane), byte, d.keep_threshold);
 }
 
 // ----------------------------------------------------------------------------- element types

@@ -17,8 +17,7 @@ __global__ void attention_dropout_mask_kernel(const AttentionDropoutMaskParams p
     const int len = p.cu_seqlens[b + 1] - start;
     uint8_t keep = 0;
     if (i < len && j < len) {
-      keep = !p.dropout.enabled ||
-             pick(dropout_bits(p.dropout, static_cast<int64_t>(start) + i, h, j), j & 3) < p.dropout.keep_threshold;
+      keep = !p.dropout.enabled || dropout_keep(p.dropout, start, h, i, j);
     }
     p.keep[idx] = keep;
   }

@@ -59,12 +59,14 @@ __device__ __forceinline__ void copy_rows(T* dst, const T* src, int64_t row_step
 
 // One key tile: S = Q K^T (16 x kBlockN per warp), online softmax, dropout, O += P V. With
 // kMask, keys >= valid (the tile's valid keys) get probability 0; without, every key counts.
+// n0: the tile's first key; row_blk: the packed token of the warp's first query row.
 template <typename T, int D, bool kMask>
 __device__ __forceinline__ void tile_step(const AttentionFwdParams& p, const uint32_t (&qa)[D / 16][4], const T* sK,
                                           const T* sV, float (&o)[D / 8][4], float (&m)[2], float (&l)[2],
-                                          float scale_log2, int valid, int n0, int64_t token0, int head, int t) {
+                                          float scale_log2, int valid, int n0, int64_t row_blk, int head, int lane) {
   using Tile = FwdTile<T, D>;
   constexpr int N = Tile::kBlockN;
+  const int t = lane & 3;
   float s[N / 8][4];
 #pragma unroll
   for (int nt = 0; nt < N / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
@@ -114,14 +116,19 @@ __device__ __forceinline__ void tile_step(const AttentionFwdParams& p, const uin
     }
   }
   if (p.dropout.enabled) {  // after the row sums: dropout acts on the normalized probabilities
+    // attention.h's rule: one Philox call per 16 x 32 block, whose counter's first word is the
+    // block's first key + lane; n8 fragment nt's element e is byte e of word nt % 4. Byte e is kept
+    // iff it is < keep_threshold, i.e. iff the word shifted left by 24 - 8 e (the byte on top,
+    // lower bytes below it) is <= (keep_threshold << 24) - 1 (all ones for 256: keep all).
+    const uint32_t top = (p.dropout.keep_threshold << 24) - 1u;
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
-      const int col = n0 + nt * 8 + 2 * t;  // even, so col and col + 1 share one Philox call
+    for (int q4 = 0; q4 < N / 32; ++q4) {
+      const uint4 w = dropout_words(p.dropout, row_blk, head, n0 + 32 * q4, lane);
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const uint4 bits = dropout_bits(p.dropout, token0 + 8 * r, head, col);
-        if (pick(bits, col & 3) >= p.dropout.keep_threshold) s[nt][2 * r] = 0.f;
-        if (pick(bits, (col & 3) + 1) >= p.dropout.keep_threshold) s[nt][2 * r + 1] = 0.f;
+      for (int f = 0; f < 4; ++f) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if ((pick(w, f) << (24 - 8 * e)) > top) s[4 * q4 + f][e] = 0.f;
       }
     }
   }
@@ -204,7 +211,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const T* const lv = sKV + Tile::kTileElems + lrow * kLd + lcol;
 
   const int g = lane >> 2;
-  const int64_t token0 = static_cast<int64_t>(start) + m0 + warp * 16 + g;  // row g; row g + 8 is token0 + 8
+  const int64_t row_blk = static_cast<int64_t>(start) + m0 + warp * 16;  // the warp's 16 rows: a dropout block row
+  const int64_t token0 = row_blk + g;                                      // row g; row g + 8 is token0 + 8
   float o[D / 8][4] = {};
   float m[2] = {-FLT_MAX, -FLT_MAX};  // running max of the raw scores, per row
   float l[2] = {0.f, 0.f};            // running sum (this thread's columns only)
@@ -219,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
       copy_rows<T, D, Tile::kKvPasses, true>(dst0 + kOther + Tile::kTileElems, gv, v_step, N);
       cp_async_commit();
     }
-    tile_step<T, D, true>(p, qa, lk, lv, o, m, l, scale_log2, rem, n_full * N, token0, head, t);
+    tile_step<T, D, true>(p, qa, lk, lv, o, m, l, scale_log2, rem, n_full * N, row_blk, head, lane);
     buf = kOther;
   }
   for (int j = n_full - 1; j >= 0; --j) {
@@ -232,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
       copy_rows<T, D, Tile::kKvPasses, true>(dst0 + (buf ^ kOther) + Tile::kTileElems, gv, v_step, N);
       cp_async_commit();
     }
-    tile_step<T, D, false>(p, qa, lk + buf, lv + buf, o, m, l, scale_log2, N, j * N, token0, head, t);
+    tile_step<T, D, false>(p, qa, lk + buf, lv + buf, o, m, l, scale_log2, N, j * N, row_blk, head, lane);
     buf ^= kOther;
   }
 

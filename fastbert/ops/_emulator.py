@@ -15,7 +15,6 @@ Settings (`configure(...)`, the `settings(...)` context manager, or the environm
 """
 import contextlib
 import ctypes
-import math
 import os
 import threading
 from pathlib import Path
@@ -314,9 +313,9 @@ def cross_entropy_bwd_(grad_loss, logits, labels, lse, ignore_index):
 def _dropout(dropout_p, seed, offset):
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
-    threshold = math.floor((1.0 - dropout_p) * 4294967296.0)
-    keep_threshold = 0xFFFFFFFF if threshold >= 4294967295.0 else int(threshold)
-    return (int(dropout_p > 0.0), keep_threshold, float(1.0 / (1.0 - dropout_p)), int(seed) & (2 ** 64 - 1),
+    from fastbert.ops.attention import attention_keep_scale, attention_keep_threshold  # attention.h's rule
+    return (int(dropout_p > 0.0), attention_keep_threshold(dropout_p), attention_keep_scale(dropout_p),
+            int(seed) & (2 ** 64 - 1),
             int(offset) & 0xFFFFFFFF)
 
 

@@ -139,16 +139,34 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 def keep_threshold(dropout_p: float) -> int:
+    """Row dropout's 32-bit threshold (csrc/row_dropout.h): keep iff a Philox word is below it."""
     return min(int(math.floor((1.0 - dropout_p) * 4294967296.0)), 0xFFFFFFFF)
+
+
+def attention_keep_threshold(dropout_p: float) -> int:
+    """Attention dropout's 8-bit threshold (csrc/attention/attention.h): keep iff a Philox byte is below
+    it; clamp(rint((1 - p) * 256), 1, 256), so the keep probability is this / 256."""
+    return max(1, min(256, round((1.0 - dropout_p) * 256.0)))
+
+
+def attention_keep_scale(dropout_p: float) -> float:
+    """What attention's kept probabilities are multiplied by: 256 / threshold (the kernel's fp32 value),
+    so the expectation is unchanged; 1 without dropout."""
+    if dropout_p <= 0.0:
+        return 1.0
+    return float(np.float32(256.0 / attention_keep_threshold(dropout_p)))
 
 
 def dropout_keep_mask(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):
     """The kernel's dropout keep mask, computed on the host: bool [batch, heads, max_seqlen, max_seqlen],
-    False outside each sequence (the twin of torch.ops.fastbert.attention_dropout_mask)."""
+    False outside each sequence (the twin of torch.ops.fastbert.attention_dropout_mask). The rule
+    (csrc/attention/attention.h): element (i, j) of a sequence starting at packed token cu takes
+    byte (c // 8) * 4 + (r // 8) * 2 + c % 2 of philox(32 * (j // 32) + lane, cu + 16 * (i // 16), head,
+    offset), with (r, c) = (i % 16, j % 32) and lane = (r % 8) * 4 + (c % 8) // 2."""
     cu = [int(x) for x in cu_seqlens.tolist()]
     batch, n = len(cu) - 1, int(max_seqlen)
     keep = np.zeros((batch, heads, n, n), dtype=bool)
-    thr = np.uint64(keep_threshold(dropout_p))
+    thr = np.uint64(attention_keep_threshold(dropout_p))
     for b in range(batch):
         length = min(cu[b + 1] - cu[b], n)
         if length <= 0:
@@ -157,9 +175,14 @@ def dropout_keep_mask(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):
             keep[b, :, :length, :length] = True
             continue
         h, i, j = np.meshgrid(np.arange(heads), np.arange(length), np.arange(length), indexing="ij")
-        words = philox4x32_10(j >> 2, cu[b] + i, h, offset & 0xFFFFFFFF, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
-        pick = np.choose(j & 3, words)
-        keep[b, :, :length, :length] = pick < thr
+        r, c = i % 16, j % 32
+        lane = (r % 8) * 4 + (c % 8) // 2
+        byte = (c // 8) * 4 + (r // 8) * 2 + c % 2
+        words = philox4x32_10(32 * (j // 32) + lane, cu[b] + 16 * (i // 16), h, offset & 0xFFFFFFFF,
+                               seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
+        word = np.choose(byte // 4, words)
+        u8 = (word >> (np.uint64(8) * (byte % 4).astype(np.uint64))) & np.uint64(0xFF)
+        keep[b, :, :length, :length] = u8 < thr
     return torch.from_numpy(keep).to(cu_seqlens.device)
 
 
@@ -169,7 +192,8 @@ def dropout_keep_mask(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):
 def varlen_reference(q, k, v, cu_seqlens, scale, *, keep=None, dropout_p=0.0, training=False, compute_dtype=None):
     """Differentiable varlen attention in plain PyTorch: (out [total, heads, dim], lse [heads, total] fp32).
 
-    keep: a [batch, heads, >=len, >=len] keep mask (the kernel's), applied with 1/(1-dropout_p);
+    keep: a [batch, heads, >=len, >=len] keep mask (the kernel's), applied with the kernel's
+    scale attention_keep_scale(dropout_p) (256 / its 8-bit threshold);
     without it, dropout (if training) is F.dropout. compute_dtype: e.g. torch.float32 to compute in
     fp32 and cast back; default the input dtype.
     """
@@ -185,7 +209,7 @@ def varlen_reference(q, k, v, cu_seqlens, scale, *, keep=None, dropout_p=0.0, tr
         lses.append(torch.logsumexp(scores.float(), dim=-1))
         probs = torch.softmax(scores, dim=-1)
         if keep is not None and dropout_p > 0.0:
-            probs = probs * keep[b, :, :e - s, :e - s].to(probs.dtype) / (1.0 - dropout_p)
+            probs = probs * keep[b, :, :e - s, :e - s].to(probs.dtype) * attention_keep_scale(dropout_p)
         elif dropout_p > 0.0 and training:
             probs = F.dropout(probs, p=dropout_p, training=True)
         outs.append(torch.matmul(probs, vb).transpose(0, 1).to(q.dtype))
@@ -212,7 +236,7 @@ def attention_varlen_fwd_twin(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p,
 def attention_varlen_bwd_twin(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset):
     """CPU kernel of fastbert::attention_varlen_bwd: the backward written out, as the kernel does it.
 
-    P = exp(S·scale - lse); Pd = P∘Z (Z = keep / (1-p)); dV = Pdᵀ dO; dPd = dO Vᵀ;
+    P = exp(S·scale - lse); Pd = P∘Z (Z = keep · attention_keep_scale(p)); dV = Pdᵀ dO; dPd = dO Vᵀ;
     dS = P∘(dPd∘Z - rowsum(dO∘O)); dQ = scale·dS K; dK = scale·dSᵀ Q.
     """
     keep = _keep_or_none(cu_seqlens, q.shape[1], max_seqlen, dropout_p, seed, offset)
@@ -229,7 +253,7 @@ def attention_varlen_bwd_twin(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, s
             # P from the saved lse, as the kernel does (lse is fp32; in fp64 recompute it exactly)
             lse_b = torch.logsumexp(scores, -1, keepdim=True) if dt == torch.float64 else lse[:, s:e, None].to(dt)
             p = torch.exp(scores - lse_b)
-            z = keep[b, :, :e - s, :e - s].to(dt) / (1.0 - dropout_p) if keep is not None else torch.ones_like(p)
+            z = keep[b, :, :e - s, :e - s].to(dt) * attention_keep_scale(dropout_p) if keep is not None else torch.ones_like(p)
             pd = p * z
             dv[s:e] = torch.matmul(pd.transpose(-1, -2), dob).transpose(0, 1)
             dpd = torch.matmul(dob, vb.transpose(-1, -2))
