@@ -44,8 +44,9 @@ constexpr size_t fwd_smem_bytes() {
 // Rows [0, kPasses * kRowsPerPass) of a token tile to shared memory, thread by thread: this
 // thread copies the 16-byte chunk at `src` (row r0 = tid / kChunks, its column) and the rows
 // kRowsPerPass, 2 kRowsPerPass, ... below it; `row_step` = kRowsPerPass * row stride. With
-// kFull every row is valid (no predicate); else rows >= valid - r0 are zero-filled with plain
-// stores, so masked keys and padded queries hold finite values.
+// kFull every row is valid (no predicate); else `valid` is the tile's valid rows minus r0 and
+// the rows past them are zero-filled with plain stores, so masked keys and padded queries hold
+// finite values (a dropped-out or masked probability times a NaN would still be a NaN).
 template <typename T, int D, int kPasses, bool kFull>
 __device__ __forceinline__ void copy_rows(T* dst, const T* src, int64_t row_step, int valid) {
   using Tile = FwdTile<T, D>;
