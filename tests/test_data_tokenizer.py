@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,38 @@ def test_continuation_alphabet_matches_the_library():
             vocab_size=1, special_tokens=["[UNK]"], continuing_subword_prefix="##"))
         theirs = sorted(t for t in tk.get_vocab() if t.startswith("##") and len(t) > 2)
         assert ours == theirs and len(ours) > 20
+
+
+_SAVE_AND_CRASH = """
+import resource, signal, sys
+from fastbert.data import Tokenizer
+tok = Tokenizer.load(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # python ignores it; a real crash does not
+limit = int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # the write that passes `limit` bytes kills
+tok.save(sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("crashing", ["tokenizer.json", "vocab.txt", "tokenizer_config.json"])
+def test_a_crash_while_saving_leaves_no_half_written_file(docs, tok, tmp_path, crashing):
+    """A process killed in the middle of writing one of the files (here: by going past RLIMIT_FSIZE,
+    SIGXFSZ) over an earlier save leaves every file either the old one or the whole new one, and a
+    directory that loads: never a truncated tokenizer that a later run (the cache) picks up."""
+    new, old, target = tmp_path / "new", tmp_path / "old", tmp_path / "target"
+    tok.save(new)
+    Tokenizer.train(docs, vocab_size=500, lowercase=False).save(old)
+    Tokenizer.load(old).save(target)
+    versions = {p.name: {p.read_bytes(), (new / p.name).read_bytes()} for p in old.iterdir()}
+    limit = (new / crashing).stat().st_size - 1
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-B", "-c", _SAVE_AND_CRASH, str(new), str(target), str(limit)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == -signal.SIGXFSZ, run.stderr  # it did die in the middle of a write
+    for p in target.iterdir():
+        if p.name.startswith("."):  # the temporary file the crash left; never read
+            continue
+        assert p.read_bytes() in versions[p.name], f"{p.name} is half written"
+    loaded = Tokenizer.load(target)
+    assert loaded.fingerprint in (tok.fingerprint, Tokenizer.load(old).fingerprint)
