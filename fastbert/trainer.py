@@ -409,8 +409,17 @@ class Trainer:
             print(self._log_line(record), file=sys.stderr, flush=True)
         if "eval_mlm_loss" not in record and record["step"] < self.a.steps:
             return  # the picture is redrawn with each evaluation and at the end (~1 s of matplotlib each)
-        from fastbert.plotting import plot_training
-        plot_training(self.records, self.out / PLOT, title=f"fastbert pretrain: {self.out.name}")
+        self._plot()
+
+    def _plot(self):
+        """Draw training.png from the records so far; returns its path, or None when nothing is logged."""
+        if not self.main or not self.records:
+            return None
+        if getattr(self, "_plotted", None) != len(self.records):  # else the picture is up to date
+            from fastbert.plotting import plot_training
+            plot_training(self.records, self.out / PLOT, title=f"fastbert pretrain: {self.out.name}")
+            self._plotted = len(self.records)
+        return self.out / PLOT
 
     def _log_line(self, r):
         """A metrics record as one plain line, for logs where a progress bar would be carriage returns."""
@@ -568,12 +577,16 @@ class Trainer:
                 if pending is not None:  # never save what a non-finite step wrote
                     self._checked_loss(*pending)
                 self.save()
+            plot = self._plot()  # also when stopped before an evaluation: the curves logged so far
+        except TrainingError:
+            self._plot()
+            raise
         finally:
             self._stop.uninstall()
             if bar is not None:
                 bar.close()
             self._stop = self._window = self._vote = None
-        return self._summary(start_time, start_step, last_eval, interrupted)
+        return self._summary(start_time, start_step, last_eval, interrupted, plot)
 
     def _stop_agreed(self):
         """Whether to stop at this step boundary: a signal reached this process. With several processes,
@@ -644,12 +657,13 @@ class Trainer:
         window.update(sums=torch.zeros_like(sums), tokens=0, steps=0, t0=time.perf_counter(), last_tps=tps)
         return record
 
-    def _summary(self, start_time, start_step, last_eval, interrupted):
+    def _summary(self, start_time, start_step, last_eval, interrupted, plot=None):
         elapsed = time.perf_counter() - start_time
         last = self.records[-1] if self.records else {}
         return {"step": self.step, "steps": self.a.steps, "interrupted": interrupted or self.step < self.a.steps,
                 "stopped_as_asked": not interrupted and self.step == self.a.stop_at_step,
                 "seconds": elapsed, "steps_run": self.step - start_step, "out": str(self.out),
+                "plot": plot and str(plot), "log_every": self.a.log_every,
                 "first_loss": next((r["loss"] for r in self.records if "loss" in r), None),
                 "loss": last.get("loss"), "mlm_loss": last.get("mlm_loss"), **(last_eval or {}),
                 "tokens_per_s": last.get("tokens_per_s"), "parameters": self.model.num_parameters(),

@@ -340,3 +340,41 @@ def test_two_processes_agree_on_the_stop_one_step_late_without_waiting_inside_a_
         assert all(v["waited_at"] == v["launched_at"] + 1 for v in votes), votes
     ckpt = torch.load(out / CHECKPOINT, weights_only=False)
     assert ckpt["step"] == AT + 1 and len(ckpt["rng"]) == 2
+def test_stopped_before_the_first_evaluation_still_plots(setup, tmp_path, monkeypatch):
+    """Ctrl-C at step 2 of a run that logs every step and first evaluates at step 6: training.png holds
+    the train curves of steps 1-2, and the summary says where it is. Stopped before anything was
+    logged: no picture, and the summary says why."""
+    from fastbert.commands.pretrain import format_summary
+    root, base, _ = setup
+    drawn = []
+    original = plotting.plot_training
+    monkeypatch.setattr(plotting, "plot_training",
+                        lambda records, *a, **k: (drawn.append([r["step"] for r in records]), original(records, *a, **k))[1])
+    out = tmp_path / "run"
+    trainer = Trainer(TrainArgs(out=str(out), **{**base, "log_every": 1, "eval_every": 6}))
+    Injector(trainer, "after_step", [signal.SIGINT], monkeypatch, at=2)
+    summary = trainer.train()
+    assert summary["interrupted"] and summary["step"] == 2
+    assert drawn == [[1, 2]]  # no evaluation happened: drawn once, at the end, from both train records
+    assert summary["plot"] == str(out / "training.png")
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"training curves: {out / 'training.png'}" in format_summary(summary)
+
+    drawn.clear()
+    out = tmp_path / "early"
+    trainer = Trainer(TrainArgs(out=str(out), **{**base, "log_every": 5, "eval_every": 6}))
+    Injector(trainer, "after_step", [signal.SIGINT], monkeypatch, at=2)
+    summary = trainer.train()
+    assert summary["step"] == 2 and summary["plot"] is None and drawn == []
+    assert not (out / "training.png").exists()
+    text = format_summary(summary)
+    assert "no training.png: the run stopped before its first metrics line (every --log-every 5 steps)" in text
+    assert "training.png" not in text.splitlines()[1]
+
+
+def test_stop_at_step_before_the_first_evaluation_plots(setup, tmp_path):
+    root, base, _ = setup
+    out = tmp_path / "run"
+    summary = Trainer(TrainArgs(out=str(out), **{**base, "log_every": 1, "stop_at_step": 2})).train()
+    assert summary["stopped_as_asked"] and summary["plot"] == str(out / "training.png")
+    assert (out / "training.png").stat().st_size > 10_000

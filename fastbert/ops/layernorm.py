@@ -100,6 +100,9 @@ if _backend.has_op("layernorm_fwd"):
                 dbias.to(ctx.bias_dtype) if ctx.has_bias else None, None)
 
     torch.library.register_autograd("fastbert::layernorm_fwd", _layernorm_backward, setup_context=_layernorm_setup)
+    # Autocast as for F.layer_norm (the twin): CUDA autocast runs it in fp32 (inputs cast, fp32 out, as
+    # transformers' LayerNorm gives under autocast); CPU autocast leaves it in the inputs' dtype.
+    torch.library.register_autocast("fastbert::layernorm_fwd", "cuda", torch.float32)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -110,7 +113,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """LayerNorm(x + residual) over the last dimension, or LayerNorm(x) without a residual.
 
     On CUDA with the kernel built, the output has x's dtype (after promotion with residual's)
-    whatever weight's dtype is; statistics are fp32.
+    whatever weight's dtype is, and fp32 under CUDA autocast, as F.layer_norm; statistics are fp32.
     """
     _validate.tensor("x", x, dtypes=_validate.FLOAT_DTYPES)
     if x.dim() == 0:
