@@ -340,6 +340,8 @@ def test_two_processes_agree_on_the_stop_one_step_late_without_waiting_inside_a_
         assert all(v["waited_at"] == v["launched_at"] + 1 for v in votes), votes
     ckpt = torch.load(out / CHECKPOINT, weights_only=False)
     assert ckpt["step"] == AT + 1 and len(ckpt["rng"]) == 2
+
+
 def test_stopped_before_the_first_evaluation_still_plots(setup, tmp_path, monkeypatch):
     """Ctrl-C at step 2 of a run that logs every step and first evaluates at step 6: training.png holds
     the train curves of steps 1-2, and the summary says where it is. Stopped before anything was
