@@ -268,8 +268,34 @@ def test_launch_table_reads_the_launchers_headers():
     assert table["layernorm_bwd_kernel<__nv_bfloat16, 8, 1>"].vector_bytes == 16
     assert table["layernorm_fwd_kernel<float, 4, 1>"].vector_bytes == 16
     assert table["layernorm_fwd_kernel<__nv_bfloat16, 4, 1>"].vector_bytes == 0
-    assert "layernorm_fwd_kernel<__half, 2, 8>" in table and "layernorm_fwd_kernel<float, 2, 1>" in table
+    # 4-byte packs need at most 4 a thread on 1,024 threads; only the scalar path takes 8 (hidden > 4096)
+    assert "layernorm_fwd_kernel<__half, 2, 4>" in table and "layernorm_fwd_kernel<__half, 2, 8>" not in table
+    assert table["layernorm_fwd_kernel<float, 1, 8>"].threads == (1024,) and "layernorm_fwd_kernel<float, 2, 1>" in table
+    # the backward's shared memory (its column sums) grows with the hidden size: listed per block size
+    bwd = table["layernorm_bwd_kernel<__half, 8, 1>"]
+    assert bwd.smem_at(96) == 2 * 768 * 4 and bwd.dynamic_smem == 2 * 4096 * 4
     assert table["layernorm_reduce_kernel"].threads == (256,)
     smem = {name: t.dynamic_smem for name, t in table.items() if name.startswith("attention_bwd_kernel<__half")}
     assert smem["attention_bwd_kernel<__half, 128>"] > 99 * KIB > smem["attention_bwd_kernel<__half, 64>"]
 
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the launch table")
+def test_row_kernels_launch_only_block_sizes_their_budget_keeps_at_half_occupancy():
+    """csrc/common.h: one pack a thread runs in 40 registers on at most 512 threads, more packs in 64
+    on at most 1,024; every block size the layernorm and fused-LayerNorm launchers use must then
+    keep >= 50% of sm_80's and sm_90's warps resident (with its shared memory). The report checks
+    the compiled registers; this checks the launchers' choice of block sizes."""
+    try:
+        table = KR.launch_table()
+    except (SystemExit, subprocess.CalledProcessError) as e:
+        pytest.skip(f"launch table did not build here: {e}")
+    rows = [t for name, t in table.items() if name.startswith(("layernorm_fwd", "layernorm_bwd", "bdrln_fwd", "bdrln_bwd"))]
+    assert len(rows) > 40
+    for t in rows:
+        nv = int(t.name.rsplit(",", 1)[1].rstrip(">"))
+        registers, max_threads = (40, 512) if nv == 1 else (64, 1024)
+        assert max(t.threads) <= max_threads, t
+        for threads in t.threads:
+            for arch in (80, 90):
+                occ = KR.occupancy(arch, registers, threads, t.smem_at(threads) + 256)  # + block_sum's float2[32]
+                assert occ.fraction >= 0.5, (t.name, threads, arch, occ)
