@@ -205,7 +205,9 @@ def test_emulated_kernels_tolerance_rule(monkeypatch, seed, order, sms):
     # sm_86: 48 warps would hold 16 three-warp blocks, but each keeps its column sums in 6 KiB of
     # shared memory (+1 KiB reserved): 14 fit its 100 KiB
     (90, 768, torch.bfloat16, 132 * 21), (80, 768, torch.bfloat16, 108 * 21), (86, 768, torch.bfloat16, 84 * 14),
-    (90, 4096, torch.bfloat16, 132 * 4), (90, 1001, torch.float32, 132 * 4)])
+    (90, 4096, torch.bfloat16, 132 * 4), (90, 1001, torch.float32, 132 * 4),
+    # 8192: 16-warp blocks with 64 KiB of column sums (opt-in): 3 fit sm_90's 228 KiB, 2 sm_80's 164 KiB
+    (90, 8192, torch.bfloat16, 132 * 3), (80, 8192, torch.bfloat16, 108 * 2)])
 def test_emulated_backward_partials_follow_occupancy(arch, hidden, dtype, want):
     """The workspace rows: the backward kernel's resident blocks per SM (the emulator's bound from
     threads, blocks and dynamic shared memory per SM: it does not know registers) times the SMs, at

@@ -324,14 +324,22 @@ cudaError_t launch_fwd(const LayerNormFwdParams& p, const Config& c, int grid) {
   });
 }
 
+// The backward kernel's dynamic shared memory for `hidden`, allowed above the default 48 KiB per
+// block (hidden > 6112) with the opt-in attribute: before its launch and before an occupancy query
+// (which counts 0 blocks for more shared memory than the kernel is allowed).
+template <typename Kernel>
+cudaError_t allow_bwd_smem(Kernel* kernel, int64_t hidden) {
+  const size_t smem = layernorm_bwd_smem_bytes(hidden);
+  if (smem + 32 * sizeof(float2) <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
+
 template <typename T, int VEC>
 cudaError_t launch_bwd(const LayerNormBwdParams& p, const Config& c, int grid) {
   cudaError_t err = cudaSuccess;
   const cudaError_t launched = with_packs_per_thread<VEC, true>(c.nv, [&](auto nv) {
-    auto* kernel = layernorm_bwd_kernel<T, VEC, decltype(nv)::value>;
     const size_t smem = layernorm_bwd_smem_bytes(p.hidden);
-    if (smem + 32 * sizeof(float2) > 48 * 1024)  // over the default limit per block (hidden > 6112)
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    err = allow_bwd_smem(layernorm_bwd_kernel<T, VEC, decltype(nv)::value>, p.hidden);
     if (err == cudaSuccess)
       FASTBERT_LAUNCH(grid, c.threads, smem, p.stream, layernorm_bwd_kernel<T, VEC, decltype(nv)::value>)(p);
   });
@@ -358,9 +366,10 @@ int bwd_blocks_per_sm(const Config& c, int64_t hidden) {
   int blocks = 0;
   dispatch_vec<T>(c.vec, [&](auto vec) {
     dispatch_packs_per_thread<decltype(vec)::value, true>(c.nv, [&](auto nv) {
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks,
-                                                        layernorm_bwd_kernel<T, decltype(vec)::value, decltype(nv)::value>,
-                                                        c.threads, layernorm_bwd_smem_bytes(hidden)) != cudaSuccess)
+      auto* kernel = layernorm_bwd_kernel<T, decltype(vec)::value, decltype(nv)::value>;
+      if (allow_bwd_smem(kernel, hidden) != cudaSuccess ||
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, c.threads, layernorm_bwd_smem_bytes(hidden)) !=
+              cudaSuccess)
         blocks = 0;
     });
   });
