@@ -7,9 +7,11 @@
 // dispatch code.
 //
 // Output, one line per instantiation: name<template args> TAB block sizes (comma-separated) TAB
-// dynamic shared memory in bytes [TAB 16 when its main path must move 16-byte packs: the report
+// dynamic shared memory in bytes (one number, or one per block size when it depends on the
+// launch) [TAB 16 when its main path must move 16-byte packs: the report
 // checks its SASS holds 128-bit global loads and stores]. Names are spelled as c++filt prints them.
 #include <cstdio>
+#include <map>
 #include <set>
 #include <string>
 
@@ -24,13 +26,27 @@ namespace {
 
 using fastbert::DType;
 
+void print_row(const std::string& name, const std::string& threads, const std::string& smem, int vector_bytes) {
+  if (vector_bytes)
+    std::printf("%s\t%s\t%s\t%d\n", name.c_str(), threads.c_str(), smem.c_str(), vector_bytes);
+  else
+    std::printf("%s\t%s\t%s\n", name.c_str(), threads.c_str(), smem.c_str());
+}
+
 void row(const std::string& name, const std::set<int>& threads, size_t dynamic_smem, int vector_bytes = 0) {
   std::string t;
   for (int n : threads) t += (t.empty() ? "" : ",") + std::to_string(n);
-  if (vector_bytes)
-    std::printf("%s\t%s\t%zu\t%d\n", name.c_str(), t.c_str(), dynamic_smem, vector_bytes);
-  else
-    std::printf("%s\t%s\t%zu\n", name.c_str(), t.c_str(), dynamic_smem);
+  print_row(name, t, std::to_string(dynamic_smem), vector_bytes);
+}
+
+// A kernel whose dynamic shared memory depends on the launch: the most per block size.
+void row(const std::string& name, const std::map<int, size_t>& smem_by_threads, int vector_bytes = 0) {
+  std::string t, s;
+  for (const auto& [threads, smem] : smem_by_threads) {
+    t += (t.empty() ? "" : ",") + std::to_string(threads);
+    s += (s.empty() ? "" : ",") + std::to_string(smem);
+  }
+  print_row(name, t, s, vector_bytes);
 }
 
 const char* type_name(DType t) {
@@ -50,24 +66,34 @@ void attention() {
 }
 
 void layernorm() {
-  // layernorm_kernel.cu: fwd_for/bwd_for launch <T, config.vec, config.nv> with config.threads.
+  // layernorm_kernel.cu: fwd_for/bwd_for launch <T, config.vec, config.nv> with config.threads, the
+  // forward's and the backward's config apart; the backward with layernorm_bwd_smem_bytes(hidden)
+  // of dynamic shared memory (listed per block size: the most any hidden size launches it with).
   for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
-    std::set<std::string> seen;
-    std::set<int> threads[17][9];  // [vec][nv]
-    for (int64_t hidden = 1; hidden <= fastbert::kLayerNormMaxHidden; ++hidden) {
-      for (int access_bytes : {16, 8, 4, 1}) {  // what the pointers' alignment allows
-        const fastbert::LayerNormConfig c = fastbert::layernorm_config(hidden, dtype, access_bytes);
-        threads[c.vec][c.nv].insert(c.threads);
+    for (bool backward : {false, true}) {
+      std::map<int, size_t> smem[17][9];  // [vec][nv]: threads -> the most dynamic shared memory
+      for (int64_t hidden = 1; hidden <= fastbert::kLayerNormMaxHidden; ++hidden) {
+        for (int access_bytes : {16, 8, 4, 1}) {  // what the pointers' alignment allows
+          const fastbert::LayerNormConfig c = fastbert::layernorm_config(hidden, dtype, access_bytes, backward);
+          size_t& s = smem[c.vec][c.nv][c.threads];
+          const size_t bytes = backward ? fastbert::layernorm_bwd_smem_bytes(hidden) : 0;
+          if (bytes > s) s = bytes;
+        }
       }
-    }
-    for (int vec = 1; vec <= 16; ++vec) {
-      for (int nv = 1; nv <= 8; ++nv) {
-        if (threads[vec][nv].empty()) continue;
-        const std::string args =
-            std::string("<") + type_name(dtype) + ", " + std::to_string(vec) + ", " + std::to_string(nv) + ">";
-        const int vector_bytes = vec * fastbert::dtype_size(dtype) == 16 ? 16 : 0;  // the 16-byte packs
-        row("layernorm_fwd_kernel" + args, threads[vec][nv], 0, vector_bytes);
-        row("layernorm_bwd_kernel" + args, threads[vec][nv], 0, vector_bytes);
+      for (int vec = 1; vec <= 16; ++vec) {
+        for (int nv = 1; nv <= 8; ++nv) {
+          if (smem[vec][nv].empty()) continue;
+          const std::string args =
+              std::string("<") + type_name(dtype) + ", " + std::to_string(vec) + ", " + std::to_string(nv) + ">";
+          const int vector_bytes = vec * fastbert::dtype_size(dtype) == 16 ? 16 : 0;  // the 16-byte packs
+          if (backward)
+            row("layernorm_bwd_kernel" + args, smem[vec][nv], vector_bytes);
+          else {
+            std::set<int> threads;
+            for (const auto& entry : smem[vec][nv]) threads.insert(entry.first);
+            row("layernorm_fwd_kernel" + args, threads, 0, vector_bytes);
+          }
+        }
       }
     }
   }
@@ -110,22 +136,28 @@ void bias_gelu() {
 }
 
 void bias_dropout_residual_layernorm() {
-  // bias_dropout_residual_layernorm_kernel.cu: fwd_for/bwd_for launch <T, config.vec, config.nv>.
+  // bias_dropout_residual_layernorm_kernel.cu: fwd_for/bwd_for launch <T, config.vec, config.nv>, the
+  // forward's and the backward's config apart; the backward with bdrln_bwd_smem_bytes(hidden) of
+  // dynamic shared memory (listed per block size: the most any hidden size launches it with).
   for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
-    std::set<int> threads[17][9];  // [vec][nv]
-    for (int64_t hidden = 1; hidden <= fastbert::kBdrlnMaxHidden; ++hidden) {
-      for (bool aligned : {true, false}) {
-        const fastbert::BdrlnConfig c = fastbert::bdrln_config(hidden, dtype, aligned);
-        threads[c.vec][c.nv].insert(c.threads);
+    for (bool backward : {false, true}) {
+      std::map<int, size_t> smem[17][9];  // [vec][nv]: threads -> the most dynamic shared memory
+      for (int64_t hidden = 1; hidden <= fastbert::kBdrlnMaxHidden; ++hidden) {
+        for (bool aligned : {true, false}) {
+          const fastbert::BdrlnConfig c = fastbert::bdrln_config(hidden, dtype, aligned, backward);
+          size_t& s = smem[c.vec][c.nv][c.threads];
+          const size_t bytes = backward ? fastbert::bdrln_bwd_smem_bytes(hidden) : 0;
+          if (bytes > s) s = bytes;
+        }
       }
-    }
-    for (int vec = 1; vec <= 16; ++vec) {
-      for (int nv = 1; nv <= 8; ++nv) {
-        if (threads[vec][nv].empty()) continue;
-        const std::string args =
-            std::string("<") + type_name(dtype) + ", " + std::to_string(vec) + ", " + std::to_string(nv) + ">";
-        row("bdrln_fwd_kernel" + args, threads[vec][nv], 0);
-        row("bdrln_bwd_kernel" + args, threads[vec][nv], 0);
+      for (int vec = 1; vec <= 16; ++vec) {
+        for (int nv = 1; nv <= 8; ++nv) {
+          if (smem[vec][nv].empty()) continue;
+          const std::string args =
+              std::string("<") + type_name(dtype) + ", " + std::to_string(vec) + ", " + std::to_string(nv) + ">";
+          const int vector_bytes = vec * fastbert::dtype_size(dtype) == 16 ? 16 : 0;  // the 16-byte packs
+          row((backward ? "bdrln_bwd_kernel" : "bdrln_fwd_kernel") + args, smem[vec][nv], vector_bytes);
+        }
       }
     }
   }

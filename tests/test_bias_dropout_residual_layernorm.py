@@ -143,8 +143,10 @@ def test_bad_input_is_a_clear_error(bad, exc, match):
 
 # ----------------------------------------------------------------------------- the kernels, emulated
 
-# odd hidden sizes take the scalar path; 64 and 96 the 16-byte one (4 fp32 or 8 half per access)
-EMULATED_SHAPES = [(33, 37), (17, 101), (32, 64), (24, 96)]
+# odd hidden sizes take the scalar path; 64, 96 and 4096 the 16-byte one (4 fp32 or 8 half per access).
+# 1037: 4 scalar packs a thread on 16 warps (common.h row_launch); 4096: 16 warps of one 16-byte pack
+# (16-bit) or two (fp32), and the backward's 49,152 B of shared memory (over the default limit: opt-in)
+EMULATED_SHAPES = [(33, 37), (17, 101), (32, 64), (24, 96), (5, 1037), (3, 4096)]
 
 
 @needs_ext

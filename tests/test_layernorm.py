@@ -155,8 +155,10 @@ def test_torch_compile_gpu(seed):
 
 from emulation import emulated, needs_emulator, needs_ops, orders  # noqa: E402
 
-# 16-byte packs (96, 768, 1000, 4096), 8-byte (bf16/fp16 100; fp32 50), 4-byte (bf16/fp16 50), scalar (1001)
-EMULATED_SHAPES = ((3, 96), (4, 768), (5, 100), (3, 50), (2, 1000), (3, 1001), (2, 4096))
+# 16-byte packs (96, 768, 1000, 4096, 7200), 8-byte (bf16/fp16 100; fp32 50), 4-byte (bf16/fp16 50),
+# scalar (1001). 7200: 2 (16-bit) or 4 (fp32) packs a thread on 16 warps, not the 15 that would do,
+# for the occupancy bar (common.h row_launch), and the backward's 57,600 B of shared memory (opt-in)
+EMULATED_SHAPES = ((3, 96), (4, 768), (5, 100), (3, 50), (2, 1000), (3, 1001), (2, 4096), (2, 7200))
 
 
 @contextlib.contextmanager
@@ -200,11 +202,16 @@ def test_emulated_kernels_tolerance_rule(monkeypatch, seed, order, sms):
 @needs_emulator
 @needs_ops
 @pytest.mark.parametrize("arch,hidden,dtype,want", [
-    (90, 768, torch.bfloat16, 132 * 21), (80, 768, torch.bfloat16, 108 * 21), (86, 768, torch.bfloat16, 84 * 16),
-    (90, 4096, torch.bfloat16, 132 * 4), (90, 1001, torch.float32, 132 * 4)])
+    # sm_86: 48 warps would hold 16 three-warp blocks, but each keeps its column sums in 6 KiB of
+    # shared memory (+1 KiB reserved): 14 fit its 100 KiB
+    (90, 768, torch.bfloat16, 132 * 21), (80, 768, torch.bfloat16, 108 * 21), (86, 768, torch.bfloat16, 84 * 14),
+    (90, 4096, torch.bfloat16, 132 * 4), (90, 1001, torch.float32, 132 * 4),
+    # 8192: 16-warp blocks with 64 KiB of column sums (opt-in): 3 fit sm_90's 228 KiB, 2 sm_80's 164 KiB
+    (90, 8192, torch.bfloat16, 132 * 3), (80, 8192, torch.bfloat16, 108 * 2)])
 def test_emulated_backward_partials_follow_occupancy(arch, hidden, dtype, want):
     """The workspace rows: the backward kernel's resident blocks per SM (the emulator's bound from
-    threads and blocks per SM: it does not know registers) times the SMs, at most the rows."""
+    threads, blocks and dynamic shared memory per SM: it does not know registers) times the SMs, at
+    most the rows."""
     from fastbert.ops import _emulator
     code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
     lib = _emulator.load()

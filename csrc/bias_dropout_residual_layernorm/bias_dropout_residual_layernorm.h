@@ -25,25 +25,50 @@ namespace fastbert {
 // The largest hidden size the kernels take (BERT-large is 1024): a row lives in registers.
 constexpr int64_t kBdrlnMaxHidden = 4096;
 
+// The backward keeps its three column sums (dweight, dbeta, dbias) in shared memory
+// (bdrln_bwd_smem_bytes), not registers, so both directions fit the same budgets (common.h row_budget).
+constexpr RowBudget bdrln_fwd_budget(int /*vec*/, int nv) { return row_budget(nv); }
+constexpr RowBudget bdrln_bwd_budget(int /*vec*/, int nv) { return row_budget(nv); }
+
+// The most packs per thread for vec elements per pack: 16 elements a thread, 4 packs at most
+// (1,024 threads x 4 cover kBdrlnMaxHidden on the scalar path).
+constexpr int bdrln_max_nv(int vec) { return 16 / vec < 4 ? 16 / vec : 4; }
+
 // How the launchers run a row of `hidden` elements: vec elements per access (16 bytes' worth when
-// the hidden size and the pointers allow it, else 1), nv packs per thread, `threads` per block (a
-// multiple of 32, at most 512). scripts/kernel_launches.cpp enumerates it.
+// the hidden size and the pointers allow it, else 1), nv packs per thread and `threads` per block
+// (a multiple of 32, at most 1024), from row_launch under the forward's or the backward's budget.
+// scripts/kernel_launches.cpp enumerates it.
 struct BdrlnConfig {
   int vec;
   int nv;
   int threads;
 };
 
-constexpr BdrlnConfig bdrln_config(int64_t hidden, DType dtype, bool pointers_aligned) {
+constexpr RowLaunch bdrln_row_launch(int64_t packs, int vec, bool backward) {
+  return backward ? row_launch(packs, bdrln_max_nv(vec), [vec](int nv) { return bdrln_bwd_budget(vec, nv); })
+                  : row_launch(packs, bdrln_max_nv(vec), [vec](int nv) { return bdrln_fwd_budget(vec, nv); });
+}
+
+constexpr BdrlnConfig bdrln_config(int64_t hidden, DType dtype, bool pointers_aligned, bool backward) {
   BdrlnConfig c{};
   const int wide = 16 / dtype_size(dtype);
   c.vec = (pointers_aligned && hidden % wide == 0) ? wide : 1;
-  const int64_t packs = hidden / c.vec;
-  c.nv = 1;
-  while (c.nv < 8 && ceil_div(packs, c.nv) > 512) c.nv *= 2;
-  c.threads = static_cast<int>(ceil_div(ceil_div(packs, c.nv), 32) * 32);
+  const RowLaunch l = bdrln_row_launch(hidden / c.vec, c.vec, backward);
+  c.nv = l.nv;
+  c.threads = l.threads;
   return c;
 }
+
+// Bit nv set when a hidden size <= kBdrlnMaxHidden runs vec-element packs with nv packs per thread:
+// the launchers instantiate only those kernels.
+constexpr unsigned bdrln_nv_mask(int vec, bool backward) {
+  unsigned mask = 0;
+  for (int64_t packs = 1; packs <= kBdrlnMaxHidden / vec; ++packs) mask |= 1u << bdrln_row_launch(packs, vec, backward).nv;
+  return mask;
+}
+
+// Dynamic shared memory of the backward's first kernel: its block's three column sums, fp32.
+constexpr size_t bdrln_bwd_smem_bytes(int64_t hidden) { return static_cast<size_t>(3 * hidden) * sizeof(float); }
 
 // Resident blocks per SM the backward aims for (its workspace rows = SMs x this, at most the rows).
 constexpr int kBdrlnBwdBlocksPerSm = 8;

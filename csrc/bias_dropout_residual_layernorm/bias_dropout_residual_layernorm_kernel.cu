@@ -1,6 +1,8 @@
 // Bias + dropout + residual + LayerNorm, forward and backward (see bias_dropout_residual_layernorm.h).
 // One thread block per row (grid-stride over rows); each thread keeps its NV packs of VEC
-// elements of the row in registers, so every tensor is read once and written once. VEC = 16
+// elements of the row in registers, so every tensor is read once and written once (the backward
+// reads h and dy a second time for dx when a thread holds more than 4 elements, from L1/L2: its
+// block has just read them). Block sizes and register budgets: bdrln_config (the header). VEC = 16
 // bytes / element size when the hidden size and the pointers allow 16-byte accesses (the fp32
 // per-feature parameters then load as float4), else 1 (the scalar fallback). Statistics and sums
 // are fp32; mean and variance are two-pass over the registers.
@@ -10,40 +12,11 @@
 #include <type_traits>
 
 #include "bias_dropout_residual_layernorm/bias_dropout_residual_layernorm.h"
+#include "block_reduce.cuh"
 #include "device_utils.cuh"
 
 namespace fastbert {
 namespace {
-
-constexpr int kMaxThreads = 512;
-// Two resident blocks of the most threads (1,024 threads, 50% occupancy on sm_80/sm_90) bound
-// the registers at 64 per thread; the backward's scalar fallback with 8 packs per thread (hidden
-// sizes over 2,048 that allow no 16-byte access) keeps 5 x 8 fp32 values a thread and would
-// spill under that bound, so it asks for one block (128 registers).
-constexpr int min_blocks(int vec, int nv) { return vec == 1 && nv == 8 ? 1 : 2; }
-
-__device__ __forceinline__ float2 warp_sum(float2 v) {
-  for (int offset = 16; offset > 0; offset /= 2) {
-    v.x += __shfl_xor_sync(0xffffffffu, v.x, offset);
-    v.y += __shfl_xor_sync(0xffffffffu, v.y, offset);
-  }
-  return v;
-}
-
-// Sum over the block, the same value in every thread. blockDim.x is a multiple of 32.
-__device__ __forceinline__ float2 block_sum(float2 v, float2* smem) {
-  v = warp_sum(v);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  float2 total = make_float2(0.f, 0.f);
-  for (int w = 0; w < num_warps; ++w) {  // same order in every thread: deterministic
-    total.x += smem[w].x;
-    total.y += smem[w].y;
-  }
-  __syncthreads();  // smem is written again by the next call
-  return total;
-}
 
 // VEC fp32 per-feature values from col0 (float4 loads when VEC % 4 == 0), or `fill` for nullptr.
 template <int VEC>
@@ -65,10 +38,10 @@ __device__ __forceinline__ void load_param(const float* param, int64_t col0, flo
 }
 
 template <typename T, int VEC, int NV>
-__global__ void __launch_bounds__(kMaxThreads, 2) bdrln_fwd_kernel(BdrlnFwdParams p) {
+__global__ void FASTBERT_ROW_BOUNDS(bdrln_fwd_budget(VEC, NV)) bdrln_fwd_kernel(BdrlnFwdParams p) {
   using P = Pack<T, VEC>;
   __shared__ float2 smem[32];
-  const int64_t num_packs = p.hidden / VEC;
+  const int num_packs = static_cast<int>(p.hidden / VEC);  // <= kBdrlnMaxHidden: 32-bit indices
   const float inv_hidden = 1.f / static_cast<float>(p.hidden);
   const bool drop_input = p.dropout.enabled && !p.dropout_after_norm;
   const bool drop_output = p.dropout.enabled && p.dropout_after_norm;
@@ -82,14 +55,14 @@ __global__ void __launch_bounds__(kMaxThreads, 2) bdrln_fwd_kernel(BdrlnFwdParam
     float total = 0.f;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
-      const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      const int i = static_cast<int>(threadIdx.x + k * blockDim.x);
       if (i < num_packs) {
         const P a = x[i], res = r[i];
         P res2;
         if (r2) res2 = r2[i];
         float b[VEC];
-        load_param<VEC>(p.bias, i * VEC, 0.f, b);
-        keep[k] = row_dropout_keep_bits<VEC>(p.dropout, row, i * VEC);
+        load_param<VEC>(p.bias, static_cast<int64_t>(i) * VEC, 0.f, b);
+        keep[k] = row_dropout_keep_bits<VEC>(p.dropout, row, static_cast<int64_t>(i) * VEC);
         P s;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
@@ -108,7 +81,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) bdrln_fwd_kernel(BdrlnFwdParam
     float sq = 0.f;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
-      const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      const int i = static_cast<int>(threadIdx.x + k * blockDim.x);
       if (i < num_packs) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) sq += (h[k][j] - mean) * (h[k][j] - mean);
@@ -118,11 +91,11 @@ __global__ void __launch_bounds__(kMaxThreads, 2) bdrln_fwd_kernel(BdrlnFwdParam
     P* y = reinterpret_cast<P*>(p.y) + row * num_packs;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
-      const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      const int i = static_cast<int>(threadIdx.x + k * blockDim.x);
       if (i < num_packs) {
         float w[VEC], be[VEC];
-        load_param<VEC>(p.weight, i * VEC, 1.f, w);
-        load_param<VEC>(p.beta, i * VEC, 0.f, be);
+        load_param<VEC>(p.weight, static_cast<int64_t>(i) * VEC, 1.f, w);
+        load_param<VEC>(p.beta, static_cast<int64_t>(i) * VEC, 0.f, be);
         P out;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
@@ -141,46 +114,59 @@ __global__ void __launch_bounds__(kMaxThreads, 2) bdrln_fwd_kernel(BdrlnFwdParam
 }
 
 // First stage of the backward: dresidual and dx per row, and this block's partial column sums
-// (over the rows it handled) in registers, then written to its own workspace rows.
+// (over the rows it handled), kept in shared memory (bdrln_bwd_smem_bytes: [3][VEC][num_packs]
+// fp32, element j of pack i at j * num_packs + i, so a warp's accesses hit 32 banks; each slot is
+// touched by its one thread only, no barrier), then written to its own workspace rows.
 template <typename T, int VEC, int NV>
-__global__ void __launch_bounds__(kMaxThreads, min_blocks(VEC, NV)) bdrln_bwd_kernel(BdrlnBwdParams p) {
+__global__ void FASTBERT_ROW_BOUNDS(bdrln_bwd_budget(VEC, NV)) bdrln_bwd_kernel(BdrlnBwdParams p) {
   using P = Pack<T, VEC>;
   __shared__ float2 smem[32];
-  const int64_t num_packs = p.hidden / VEC;
+  FASTBERT_DYNAMIC_SHARED(float, sums);  // [dweight, dbeta, dbias][hidden]
+  const int num_packs = static_cast<int>(p.hidden / VEC);  // <= kBdrlnMaxHidden: 32-bit indices
+  const int hidden = static_cast<int>(p.hidden);
   const float inv_hidden = 1.f / static_cast<float>(p.hidden);
-  float dw[NV][VEC], dbeta[NV][VEC], dbias[NV][VEC];
+  float* sum_w = sums;
+  float* sum_beta = sums + hidden;
+  float* sum_bias = sums + 2 * hidden;
 #pragma unroll
-  for (int k = 0; k < NV; ++k)
+  for (int k = 0; k < NV; ++k) {
+    const int i = static_cast<int>(threadIdx.x + k * blockDim.x);
+    if (i < num_packs) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) dw[k][j] = dbeta[k][j] = dbias[k][j] = 0.f;
+      for (int j = 0; j < VEC; ++j) sum_w[j * num_packs + i] = sum_beta[j * num_packs + i] = sum_bias[j * num_packs + i] = 0.f;
+    }
+  }
 
+  constexpr bool kKeep = NV * VEC <= 4;  // keep xhat and w*dy for dx in registers, else re-read the row
   const bool drop_input = p.dropout.enabled && !p.dropout_after_norm;
   const bool drop_output = p.dropout.enabled && p.dropout_after_norm;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const P* h = reinterpret_cast<const P*>(p.h) + row * num_packs;
     const P* dy = reinterpret_cast<const P*>(p.dy) + row * num_packs;
     const float mean = p.mean[row], rstd = p.rstd[row];
-    float xhat[NV][VEC], wdy[NV][VEC];
-    uint32_t keep[NV];
+    float xhat[kKeep ? NV : 1][VEC], wdy[kKeep ? NV : 1][VEC];
     float2 acc = make_float2(0.f, 0.f);  // sum(w*dy), sum(w*dy*xhat)
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
-      const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      const int i = static_cast<int>(threadIdx.x + k * blockDim.x);
       if (i < num_packs) {
         const P a = h[i], g = dy[i];
         float w[VEC];
-        load_param<VEC>(p.weight, i * VEC, 1.f, w);
-        keep[k] = row_dropout_keep_bits<VEC>(p.dropout, row, i * VEC);
+        load_param<VEC>(p.weight, static_cast<int64_t>(i) * VEC, 1.f, w);
+        const uint32_t keep = drop_output ? row_dropout_keep_bits<VEC>(p.dropout, row, static_cast<int64_t>(i) * VEC) : 0u;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           float d = to_float(g.v[j]);
-          if (drop_output) d = (keep[k] >> j) & 1u ? d * p.dropout.keep_scale : 0.f;  // through the output's dropout
-          xhat[k][j] = (to_float(a.v[j]) - mean) * rstd;
-          wdy[k][j] = w[j] * d;
-          dw[k][j] += d * xhat[k][j];
-          dbeta[k][j] += d;
-          acc.x += wdy[k][j];
-          acc.y += wdy[k][j] * xhat[k][j];
+          if (drop_output) d = (keep >> j) & 1u ? d * p.dropout.keep_scale : 0.f;  // through the output's dropout
+          const float xh = (to_float(a.v[j]) - mean) * rstd, wd = w[j] * d;
+          if constexpr (kKeep) {
+            xhat[k][j] = xh;
+            wdy[k][j] = wd;
+          }
+          sum_w[j * num_packs + i] += d * xh;
+          sum_beta[j * num_packs + i] += d;
+          acc.x += wd;
+          acc.y += wd * xh;
         }
       }
     }
@@ -190,14 +176,35 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks(VEC, NV)) bdrln_bwd_ke
     P* dx = p.dx ? reinterpret_cast<P*>(p.dx) + row * num_packs : nullptr;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
-      const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      const int i = static_cast<int>(threadIdx.x + k * blockDim.x);
       if (i < num_packs) {
+        // one draw serves either mode (drop_input and drop_output exclude each other)
+        const uint32_t keep = drop_input || (!kKeep && drop_output)
+                                  ? row_dropout_keep_bits<VEC>(p.dropout, row, static_cast<int64_t>(i) * VEC)
+                                  : 0u;
+        P a, g;
+        float w[VEC];
+        if constexpr (!kKeep) {  // xhat and w*dy recomputed from the row
+          a = h[i];
+          g = dy[i];
+          load_param<VEC>(p.weight, static_cast<int64_t>(i) * VEC, 1.f, w);
+        }
         P o_res, o_x;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float dh = (wdy[k][j] - c1 - xhat[k][j] * c2) * rstd;
-          const float d = drop_input ? ((keep[k] >> j) & 1u ? dh * p.dropout.keep_scale : 0.f) : dh;
-          dbias[k][j] += d;
+          float xh, wd;
+          if constexpr (kKeep) {
+            xh = xhat[k][j];
+            wd = wdy[k][j];
+          } else {
+            float d = to_float(g.v[j]);
+            if (drop_output) d = (keep >> j) & 1u ? d * p.dropout.keep_scale : 0.f;
+            xh = (to_float(a.v[j]) - mean) * rstd;
+            wd = w[j] * d;
+          }
+          const float dh = (wd - c1 - xh * c2) * rstd;
+          const float d = drop_input ? ((keep >> j) & 1u ? dh * p.dropout.keep_scale : 0.f) : dh;
+          sum_bias[j * num_packs + i] += d;
           o_res.v[j] = from_float<T>(dh);
           o_x.v[j] = from_float<T>(d);
         }
@@ -212,13 +219,13 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks(VEC, NV)) bdrln_bwd_ke
   float* pd = p.partial + static_cast<int64_t>(2 * gridDim.x + blockIdx.x) * p.hidden;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
-    const int64_t i = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    const int i = static_cast<int>(threadIdx.x + k * blockDim.x);
     if (i < num_packs) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        pw[i * VEC + j] = dw[k][j];
-        pb[i * VEC + j] = dbeta[k][j];
-        pd[i * VEC + j] = dbias[k][j];
+        pw[i * VEC + j] = sum_w[j * num_packs + i];
+        pb[i * VEC + j] = sum_beta[j * num_packs + i];
+        pd[i * VEC + j] = sum_bias[j * num_packs + i];
       }
     }
   }
@@ -259,32 +266,43 @@ int num_sms() {
 }
 
 // Calls launch(std::integral_constant<int, NV>{}) for the packs per thread of the config. Only the
-// NV bdrln_config reaches for hidden <= kBdrlnMaxHidden are instantiated: 1 with 16-bit packs, 1-2
-// with fp32 packs, 1-8 on the scalar path.
-template <int VEC, typename Launch>
+// NV bdrln_nv_mask(VEC, kBackward) names are instantiated: the ones some hidden size reaches.
+template <int VEC, bool kBackward, typename Launch>
 cudaError_t with_packs_per_thread(int nv, Launch&& launch) {
-  constexpr int kMaxNV = VEC == 1 ? 8 : (VEC == 4 ? 2 : 1);
-  if (nv > kMaxNV) return cudaErrorInvalidValue;
+  constexpr unsigned kMask = bdrln_nv_mask(VEC, kBackward);
+  if (nv < 1 || nv > 8 || !(kMask & (1u << nv))) return cudaErrorInvalidValue;
+  cudaError_t err = cudaSuccess;
   switch (nv) {
-    case 1: launch(std::integral_constant<int, 1>{}); break;
-    case 2: if constexpr (kMaxNV >= 2) launch(std::integral_constant<int, 2>{}); break;
-    case 4: if constexpr (kMaxNV >= 4) launch(std::integral_constant<int, 4>{}); break;
-    default: if constexpr (kMaxNV >= 8) launch(std::integral_constant<int, 8>{}); break;
+    case 1: if constexpr ((kMask >> 1) & 1u) err = launch(std::integral_constant<int, 1>{}); break;
+    case 2: if constexpr ((kMask >> 2) & 1u) err = launch(std::integral_constant<int, 2>{}); break;
+    case 4: if constexpr ((kMask >> 4) & 1u) err = launch(std::integral_constant<int, 4>{}); break;
+    case 8: if constexpr ((kMask >> 8) & 1u) err = launch(std::integral_constant<int, 8>{}); break;
+    default: return cudaErrorInvalidValue;
   }
+  if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 
 template <typename T, int VEC>
 cudaError_t launch_fwd(const BdrlnFwdParams& p, const BdrlnConfig& c, int grid) {
-  return with_packs_per_thread<VEC>(c.nv, [&](auto nv) {
+  return with_packs_per_thread<VEC, false>(c.nv, [&](auto nv) {
     FASTBERT_LAUNCH(grid, c.threads, 0, p.stream, bdrln_fwd_kernel<T, VEC, decltype(nv)::value>)(p);
+    return cudaSuccess;
   });
 }
 
 template <typename T, int VEC>
 cudaError_t launch_bwd(const BdrlnBwdParams& p, const BdrlnConfig& c, int grid) {
-  return with_packs_per_thread<VEC>(c.nv, [&](auto nv) {
-    FASTBERT_LAUNCH(grid, c.threads, 0, p.stream, bdrln_bwd_kernel<T, VEC, decltype(nv)::value>)(p);
+  return with_packs_per_thread<VEC, true>(c.nv, [&](auto nv) {
+    auto* kernel = bdrln_bwd_kernel<T, VEC, decltype(nv)::value>;
+    const size_t smem = bdrln_bwd_smem_bytes(p.hidden);
+    if (smem + 32 * sizeof(float2) > 48 * 1024) {  // over the default limit per block (hidden > 4074)
+      const cudaError_t err =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (err != cudaSuccess) return err;
+    }
+    FASTBERT_LAUNCH(grid, c.threads, smem, p.stream, bdrln_bwd_kernel<T, VEC, decltype(nv)::value>)(p);
+    return cudaSuccess;
   });
 }
 
@@ -302,7 +320,7 @@ cudaError_t bwd_for(const BdrlnBwdParams& p, const BdrlnConfig& c, int grid) {
 
 int64_t bdrln_bwd_num_partials(int64_t rows, int64_t hidden, DType dtype) {
   if (rows <= 0) return 0;
-  const BdrlnConfig c = bdrln_config(hidden, dtype, true);
+  const BdrlnConfig c = bdrln_config(hidden, dtype, true, true);
   int64_t per_sm = 2048 / (c.threads > 0 ? c.threads : 32);
   if (per_sm > kBdrlnBwdBlocksPerSm) per_sm = kBdrlnBwdBlocksPerSm;
   if (per_sm < 1) per_sm = 1;
@@ -315,7 +333,7 @@ cudaError_t bdrln_fwd(const BdrlnFwdParams& p) {
   if (p.rows == 0) return cudaSuccess;
   const bool aligned = aligned16(p.x) && aligned16(p.residual) && aligned16(p.residual2) && aligned16(p.y) &&
                        aligned16(p.h) && aligned16(p.bias) && aligned16(p.weight) && aligned16(p.beta);
-  const BdrlnConfig c = bdrln_config(p.hidden, p.dtype, aligned);
+  const BdrlnConfig c = bdrln_config(p.hidden, p.dtype, aligned, false);
   const int grid = static_cast<int>(p.rows < (1 << 20) ? p.rows : (1 << 20));
   switch (p.dtype) {
     case DType::kFloat32: return fwd_for<float>(p, c, grid);
@@ -330,7 +348,7 @@ cudaError_t bdrln_bwd(const BdrlnBwdParams& p) {
   if (partials > 0) {
     const bool aligned = aligned16(p.dy) && aligned16(p.h) && aligned16(p.dx) && aligned16(p.dresidual) &&
                          aligned16(p.weight);
-    const BdrlnConfig c = bdrln_config(p.hidden, p.dtype, aligned);
+    const BdrlnConfig c = bdrln_config(p.hidden, p.dtype, aligned, true);
     const int grid = static_cast<int>(partials);
     const cudaError_t err = p.dtype == DType::kFloat32   ? bwd_for<float>(p, c, grid)
                             : p.dtype == DType::kFloat16 ? bwd_for<__half>(p, c, grid)

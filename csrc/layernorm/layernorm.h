@@ -15,12 +15,27 @@ namespace fastbert {
 // The largest hidden size every path (including the unaligned scalar one) supports.
 constexpr int64_t kLayerNormMaxHidden = 8192;
 
+// The register budgets (common.h row_budget). The backward keeps its dweight/dbias column sums in
+// shared memory (layernorm_bwd_smem_bytes), not registers, so it fits them. The forward with one
+// pack a thread gets 32, what ptxas picks for it unconstrained (with 40 it took 39-40, which cut
+// BERT-base's 3-warp blocks from 63 to 48 resident warps per SM).
+constexpr RowBudget layernorm_fwd_budget(int /*vec*/, int nv) { return nv == 1 ? RowBudget{32, 512} : row_budget(nv); }
+constexpr RowBudget layernorm_bwd_budget(int /*vec*/, int nv) { return row_budget(nv); }
+
+// The most packs per thread for vec elements per pack: 16 elements a thread, and 4 packs except on
+// the scalar path, which needs 8 on 1,024 threads for kLayerNormMaxHidden.
+constexpr int layernorm_max_nv(int vec) { return vec == 1 ? 8 : 16 / vec < 4 ? 16 / vec : 4; }
+
+// Dynamic shared memory of the backward's first kernel: its block's dweight and dbias sums, fp32.
+constexpr size_t layernorm_bwd_smem_bytes(int64_t hidden) { return static_cast<size_t>(2 * hidden) * sizeof(float); }
+
 // How the launchers run a row of `hidden` elements: vec elements per access (the widest of 16, 8
 // or 4 bytes that divides the row and that every pointer's alignment allows, else 1), nv packs per
-// thread (1, 2, 4 or 8) and `threads` per block (a multiple of 32, at most 1024).
-// layernorm_fwd_kernel<T, vec, nv> and layernorm_bwd_kernel<T, vec, nv> are launched with it;
-// scripts/kernel_report.py enumerates it. max_access_bytes: the widest access the pointers allow
-// (16 when all are 16-byte aligned); weight and bias, fp32, are read vec floats at a time.
+// thread (1, 2, 4 or 8) and `threads` per block (a multiple of 32, at most 1024), from row_launch
+// under the forward's or the backward's register budget. layernorm_fwd_kernel<T, vec, nv> and
+// layernorm_bwd_kernel<T, vec, nv> are launched with it; scripts/kernel_launches.cpp enumerates it.
+// max_access_bytes: the widest access the pointers allow (16 when all are 16-byte aligned); weight
+// and bias, fp32, are read vec floats at a time.
 struct LayerNormConfig {
   int vec;
   int nv;
@@ -29,7 +44,12 @@ struct LayerNormConfig {
 
 constexpr int kLayerNormAccessBytes[] = {16, 8, 4};  // the vector widths tried, widest first
 
-constexpr LayerNormConfig layernorm_config(int64_t hidden, DType dtype, int max_access_bytes) {
+constexpr RowLaunch layernorm_row_launch(int64_t packs, int vec, bool backward) {
+  return backward ? row_launch(packs, layernorm_max_nv(vec), [vec](int nv) { return layernorm_bwd_budget(vec, nv); })
+                  : row_launch(packs, layernorm_max_nv(vec), [vec](int nv) { return layernorm_fwd_budget(vec, nv); });
+}
+
+constexpr LayerNormConfig layernorm_config(int64_t hidden, DType dtype, int max_access_bytes, bool backward) {
   LayerNormConfig c{};
   c.vec = 1;
   for (int bytes : kLayerNormAccessBytes) {
@@ -39,21 +59,19 @@ constexpr LayerNormConfig layernorm_config(int64_t hidden, DType dtype, int max_
       break;
     }
   }
-  const int64_t packs = hidden / c.vec;
-  c.nv = 1;
-  while (c.nv < 8 && ceil_div(packs, c.nv) > 512) c.nv *= 2;  // keep blocks at most 512 threads when we can
-  c.threads = static_cast<int>(ceil_div(ceil_div(packs, c.nv), 32) * 32);
-  // hidden <= kLayerNormMaxHidden gives nv <= 2 (16-bit) or 4 (fp32) with 16-byte packs, and
-  // threads > 512 only with vec 1 and nv 8, within the kernels' __launch_bounds__/__maxnreg__.
+  const RowLaunch l = layernorm_row_launch(hidden / c.vec, c.vec, backward);
+  c.nv = l.nv;
+  c.threads = l.threads;
   return c;
 }
 
-// The most packs per thread layernorm_config picks for any hidden <= kLayerNormMaxHidden with vec
-// elements per pack: the launchers instantiate no kernel with more (nothing would launch it).
-constexpr int layernorm_max_packs_per_thread(int vec) {
-  int nv = 1;
-  while (nv < 8 && ceil_div(ceil_div(kLayerNormMaxHidden, vec), nv) > 512) nv *= 2;
-  return nv;
+// Bit nv set when a hidden size <= kLayerNormMaxHidden runs vec-element packs with nv packs per
+// thread: the launchers instantiate only those kernels (nothing would launch the others).
+constexpr unsigned layernorm_nv_mask(int vec, bool backward) {
+  unsigned mask = 0;
+  for (int64_t packs = 1; packs <= kLayerNormMaxHidden / vec; ++packs)
+    mask |= 1u << layernorm_row_launch(packs, vec, backward).nv;
+  return mask;
 }
 
 // Block of the backward's second kernel (the dweight/dbias reduction): 8 columns (a warp reads 4

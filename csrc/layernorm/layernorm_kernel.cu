@@ -11,33 +11,11 @@
 #include <type_traits>
 
 #include "layernorm/layernorm.h"
+#include "block_reduce.cuh"
 #include "device_utils.cuh"
 
 namespace fastbert {
 namespace {
-
-__device__ __forceinline__ float2 warp_sum(float2 v) {
-  for (int offset = 16; offset > 0; offset /= 2) {
-    v.x += __shfl_xor_sync(0xffffffffu, v.x, offset);
-    v.y += __shfl_xor_sync(0xffffffffu, v.y, offset);
-  }
-  return v;
-}
-
-// Sum over the block, the same value in every thread. blockDim.x is a multiple of 32.
-__device__ __forceinline__ float2 block_sum(float2 v, float2* smem) {
-  v = warp_sum(v);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  float2 total = make_float2(0.f, 0.f);
-  for (int w = 0; w < num_warps; ++w) {  // same order in every thread: deterministic
-    total.x += smem[w].x;
-    total.y += smem[w].y;
-  }
-  __syncthreads();  // smem may be written again by the next call
-  return total;
-}
 
 // VEC consecutive fp32 parameters from p[col], col a multiple of VEC: 16-byte loads (8-byte for
 // VEC 2); the launcher checked the pointer's alignment. nullptr reads as `fill`.
@@ -78,19 +56,12 @@ __device__ __forceinline__ void store_floats(float* p, int col, const float (&v)
   }
 }
 
-// Block sizes: layernorm_config gives more than 512 threads only to the scalar NV = 8 kernels
-// (hidden > 4096 without a vector width), up to 1024; every other kernel gets at most 512.
-#define LAYERNORM_BOUNDS(VEC, NV) __launch_bounds__((VEC) == 1 && (NV) == 8 ? 1024 : 512)
-// The backward's registers (__maxnreg__, which cannot be combined with __launch_bounds__): one pack
-// per thread (every hidden size up to 4096 with 16-byte packs) at most 56: 12 three-warp blocks
-// per SM (56% occupancy at hidden 768) where 57-64 allow 10 (47%). The scalar NV = 8 kernels 64
-// (1024 threads fill the register file); the others 128, as __launch_bounds__(512) would give.
-// Every NV = 8 kernel re-reads the row for dx instead of keeping xhat and w*dy (the scalar ones
-// spilled at 64 keeping them).
-#define LAYERNORM_BWD_REGS(VEC, NV) __maxnreg__((VEC) == 1 && (NV) == 8 ? 64 : (NV) == 1 ? 56 : 128)
+// Registers and block sizes: the budgets layernorm.h sizes the blocks with (common.h row_budget).
+#define LAYERNORM_FWD_BOUNDS(VEC, NV) FASTBERT_ROW_BOUNDS(layernorm_fwd_budget(VEC, NV))
+#define LAYERNORM_BWD_BOUNDS(VEC, NV) FASTBERT_ROW_BOUNDS(layernorm_bwd_budget(VEC, NV))
 
 template <typename T, int VEC, int NV>
-__global__ void LAYERNORM_BOUNDS(VEC, NV) layernorm_fwd_kernel(LayerNormFwdParams p) {
+__global__ void LAYERNORM_FWD_BOUNDS(VEC, NV) layernorm_fwd_kernel(LayerNormFwdParams p) {
   using P = Pack<T, VEC>;
   __shared__ float2 smem[32];
   const int num_packs = static_cast<int>(p.hidden / VEC);  // <= kLayerNormMaxHidden: 32-bit indices
@@ -153,27 +124,40 @@ __global__ void LAYERNORM_BOUNDS(VEC, NV) layernorm_fwd_kernel(LayerNormFwdParam
 }
 
 // First stage of the backward: dx per row, and this block's partial dweight/dbias (over the rows
-// it handled) kept in registers, then written to its own workspace row.
+// it handled) kept in shared memory (layernorm_bwd_smem_bytes: [2][VEC][num_packs] fp32, element j
+// of pack i at j * num_packs + i, so a warp's accesses hit 32 banks; each slot is touched by its
+// one thread only, no barrier), then written to its own workspace row.
 template <typename T, int VEC, int NV>
 __device__ __forceinline__ void layernorm_bwd_body(const LayerNormBwdParams& p) {
   using P = Pack<T, VEC>;
   __shared__ float2 smem[32];
+  FASTBERT_DYNAMIC_SHARED(float, sums);  // [dweight, dbias][hidden]
   const int num_packs = static_cast<int>(p.hidden / VEC);  // <= kLayerNormMaxHidden: 32-bit indices
   const float inv_hidden = 1.f / static_cast<float>(p.hidden);
-  float dw[NV][VEC], db[NV][VEC];
+  float* sum_w = sums;
+  float* sum_b = sums + p.hidden;
 #pragma unroll
-  for (int k = 0; k < NV; ++k)
+  for (int k = 0; k < NV; ++k) {
+    const int i = static_cast<int>(threadIdx.x + k * blockDim.x);
+    if (i < num_packs) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) dw[k][j] = db[k][j] = 0.f;
+      for (int j = 0; j < VEC; ++j) sum_w[j * num_packs + i] = sum_b[j * num_packs + i] = 0.f;
+    }
+  }
 
-  constexpr bool kKeep = NV < 8;  // keep xhat and w*dy for dx in registers (else re-read the row)
+  // Up to 4 elements a thread keep xhat and w*dy for dx in registers; more re-read the row (from
+  // L1/L2: this block just read it) within the register budget.
+  constexpr bool kKeep = NV * VEC <= 4;
+  // Without kept values nothing in the row loops is indexed by pack: the scalar 8-pack kernel
+  // unrolls them by 2 only (fully unrolled it spilled 8 B on sm_90 at 64 registers).
+  constexpr int kRowUnroll = kKeep || NV < 8 ? NV : 2;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const P* h = reinterpret_cast<const P*>(p.h) + row * num_packs;
     const P* dy = reinterpret_cast<const P*>(p.dy) + row * num_packs;
     const float mean = p.mean[row], rstd = p.rstd[row];
     float xhat[kKeep ? NV : 1][VEC], wdy[kKeep ? NV : 1][VEC];
     float2 acc = make_float2(0.f, 0.f);  // sum(w*dy), sum(w*dy*xhat)
-#pragma unroll
+#pragma unroll kRowUnroll
     for (int k = 0; k < NV; ++k) {
       const int i = static_cast<int>(threadIdx.x + k * blockDim.x);
       if (i < num_packs) {
@@ -188,8 +172,8 @@ __device__ __forceinline__ void layernorm_bwd_body(const LayerNormBwdParams& p) 
             xhat[k][j] = xh;
             wdy[k][j] = wd;
           }
-          dw[k][j] += d * xh;
-          db[k][j] += d;
+          sum_w[j * num_packs + i] += d * xh;
+          sum_b[j * num_packs + i] += d;
           acc.x += wd;
           acc.y += wd * xh;
         }
@@ -198,7 +182,7 @@ __device__ __forceinline__ void layernorm_bwd_body(const LayerNormBwdParams& p) 
     acc = block_sum(acc, smem);
     const float c1 = acc.x * inv_hidden, c2 = acc.y * inv_hidden;
     P* dx = reinterpret_cast<P*>(p.dx) + row * num_packs;
-#pragma unroll
+#pragma unroll kRowUnroll
     for (int k = 0; k < NV; ++k) {
       const int i = static_cast<int>(threadIdx.x + k * blockDim.x);
       if (i < num_packs) {
@@ -206,7 +190,7 @@ __device__ __forceinline__ void layernorm_bwd_body(const LayerNormBwdParams& p) 
         if constexpr (kKeep) {
 #pragma unroll
           for (int j = 0; j < VEC; ++j) out.v[j] = from_float<T>((wdy[k][j] - c1 - xhat[k][j] * c2) * rstd);
-        } else {  // the same values, recomputed from the row (in L1/L2: this block just read it)
+        } else {  // the same values, recomputed from the row
           const P a = h[i], g = dy[i];
           float w[VEC];
           load_params<VEC>(p.weight, i * VEC, 1.f, w);
@@ -226,14 +210,20 @@ __device__ __forceinline__ void layernorm_bwd_body(const LayerNormBwdParams& p) 
   for (int k = 0; k < NV; ++k) {
     const int i = static_cast<int>(threadIdx.x + k * blockDim.x);
     if (i < num_packs) {
-      store_floats<VEC>(pw, i * VEC, dw[k]);
-      store_floats<VEC>(pb, i * VEC, db[k]);
+      float vw[VEC], vb[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        vw[j] = sum_w[j * num_packs + i];
+        vb[j] = sum_b[j * num_packs + i];
+      }
+      store_floats<VEC>(pw, i * VEC, vw);
+      store_floats<VEC>(pb, i * VEC, vb);
     }
   }
 }
 
 template <typename T, int VEC, int NV>
-__global__ void LAYERNORM_BWD_REGS(VEC, NV) layernorm_bwd_kernel(LayerNormBwdParams p) {
+__global__ void LAYERNORM_BWD_BOUNDS(VEC, NV) layernorm_bwd_kernel(LayerNormBwdParams p) {
   layernorm_bwd_body<T, VEC, NV>(p);
 }
 
@@ -273,14 +263,14 @@ int alignment(std::initializer_list<const void*> ptrs) {
 // data: the rows' pointers; params: the fp32 weight/bias, read vec floats at a time (min(16, 4 * vec)
 // bytes): the widest vec both allow.
 Config pick_config(int64_t hidden, DType dtype, std::initializer_list<const void*> data,
-                   std::initializer_list<const void*> params) {
+                   std::initializer_list<const void*> params, bool backward) {
   const int data_bytes = alignment(data), param_bytes = alignment(params);
   for (int bytes : kLayerNormAccessBytes) {
     const int vec = bytes / dtype_size(dtype);
     const int param_need = 4 * vec < 16 ? 4 * vec : 16;
-    if (bytes <= data_bytes && param_need <= param_bytes) return layernorm_config(hidden, dtype, bytes);
+    if (bytes <= data_bytes && param_need <= param_bytes) return layernorm_config(hidden, dtype, bytes, backward);
   }
-  return layernorm_config(hidden, dtype, 1);
+  return layernorm_config(hidden, dtype, 1, backward);
 }
 
 int num_sms() {
@@ -292,24 +282,25 @@ int num_sms() {
 }
 
 // Calls launch(std::integral_constant<int, NV>{}) for the packs per thread the config chose;
-// false if none. Only NV <= layernorm_max_packs_per_thread(VEC) is instantiated: no hidden size
-// reaches more (16-bit types with 16-byte packs stop at 2, fp32 at 4, the scalar path at 8).
-template <int VEC, typename Launch>
+// false if none. Only the NV layernorm_nv_mask(VEC, kBackward) names are instantiated: the ones
+// some hidden size <= kLayerNormMaxHidden reaches.
+template <int VEC, bool kBackward, typename Launch>
 bool dispatch_packs_per_thread(int nv, Launch&& launch) {
-  constexpr int kMaxNV = layernorm_max_packs_per_thread(VEC);
-  if (nv > kMaxNV) return false;
+  constexpr unsigned kMask = layernorm_nv_mask(VEC, kBackward);
+  if (nv < 1 || nv > 8 || !(kMask & (1u << nv))) return false;
   switch (nv) {
-    case 1: launch(std::integral_constant<int, 1>{}); break;
-    case 2: if constexpr (kMaxNV >= 2) launch(std::integral_constant<int, 2>{}); break;
-    case 4: if constexpr (kMaxNV >= 4) launch(std::integral_constant<int, 4>{}); break;
-    default: if constexpr (kMaxNV >= 8) launch(std::integral_constant<int, 8>{}); break;
+    case 1: if constexpr ((kMask >> 1) & 1u) launch(std::integral_constant<int, 1>{}); break;
+    case 2: if constexpr ((kMask >> 2) & 1u) launch(std::integral_constant<int, 2>{}); break;
+    case 4: if constexpr ((kMask >> 4) & 1u) launch(std::integral_constant<int, 4>{}); break;
+    case 8: if constexpr ((kMask >> 8) & 1u) launch(std::integral_constant<int, 8>{}); break;
+    default: return false;
   }
   return true;
 }
 
-template <int VEC, typename Launch>
+template <int VEC, bool kBackward, typename Launch>
 cudaError_t with_packs_per_thread(int nv, Launch&& launch) {
-  if (!dispatch_packs_per_thread<VEC>(nv, launch)) return cudaErrorInvalidValue;
+  if (!dispatch_packs_per_thread<VEC, kBackward>(nv, launch)) return cudaErrorInvalidValue;
   return cudaGetLastError();
 }
 
@@ -328,16 +319,31 @@ bool dispatch_vec(int vec, F&& f) {
 
 template <typename T, int VEC>
 cudaError_t launch_fwd(const LayerNormFwdParams& p, const Config& c, int grid) {
-  return with_packs_per_thread<VEC>(c.nv, [&](auto nv) {
+  return with_packs_per_thread<VEC, false>(c.nv, [&](auto nv) {
     FASTBERT_LAUNCH(grid, c.threads, 0, p.stream, layernorm_fwd_kernel<T, VEC, decltype(nv)::value>)(p);
   });
 }
 
+// The backward kernel's dynamic shared memory for `hidden`, allowed above the default 48 KiB per
+// block (hidden > 6112) with the opt-in attribute: before its launch and before an occupancy query
+// (which counts 0 blocks for more shared memory than the kernel is allowed).
+template <typename Kernel>
+cudaError_t allow_bwd_smem(Kernel* kernel, int64_t hidden) {
+  const size_t smem = layernorm_bwd_smem_bytes(hidden);
+  if (smem + 32 * sizeof(float2) <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
+
 template <typename T, int VEC>
 cudaError_t launch_bwd(const LayerNormBwdParams& p, const Config& c, int grid) {
-  return with_packs_per_thread<VEC>(c.nv, [&](auto nv) {
-    FASTBERT_LAUNCH(grid, c.threads, 0, p.stream, layernorm_bwd_kernel<T, VEC, decltype(nv)::value>)(p);
+  cudaError_t err = cudaSuccess;
+  const cudaError_t launched = with_packs_per_thread<VEC, true>(c.nv, [&](auto nv) {
+    const size_t smem = layernorm_bwd_smem_bytes(p.hidden);
+    err = allow_bwd_smem(layernorm_bwd_kernel<T, VEC, decltype(nv)::value>, p.hidden);
+    if (err == cudaSuccess)
+      FASTBERT_LAUNCH(grid, c.threads, smem, p.stream, layernorm_bwd_kernel<T, VEC, decltype(nv)::value>)(p);
   });
+  return err != cudaSuccess ? err : launched;
 }
 
 template <typename T>
@@ -356,12 +362,14 @@ cudaError_t bwd_for(const LayerNormBwdParams& p, const Config& c, int grid) {
 
 // Blocks of the backward kernel for config c resident per SM (registers, threads, shared memory).
 template <typename T>
-int bwd_blocks_per_sm(const Config& c) {
+int bwd_blocks_per_sm(const Config& c, int64_t hidden) {
   int blocks = 0;
   dispatch_vec<T>(c.vec, [&](auto vec) {
-    dispatch_packs_per_thread<decltype(vec)::value>(c.nv, [&](auto nv) {
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-              &blocks, layernorm_bwd_kernel<T, decltype(vec)::value, decltype(nv)::value>, c.threads, 0) != cudaSuccess)
+    dispatch_packs_per_thread<decltype(vec)::value, true>(c.nv, [&](auto nv) {
+      auto* kernel = layernorm_bwd_kernel<T, decltype(vec)::value, decltype(nv)::value>;
+      if (allow_bwd_smem(kernel, hidden) != cudaSuccess ||
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, c.threads, layernorm_bwd_smem_bytes(hidden)) !=
+              cudaSuccess)
         blocks = 0;
     });
   });
@@ -372,10 +380,10 @@ int bwd_blocks_per_sm(const Config& c) {
 
 int64_t layernorm_bwd_num_partials(int64_t rows, int64_t hidden, DType dtype) {
   if (rows <= 0 || hidden < 1 || hidden > kLayerNormMaxHidden) return 0;
-  const Config c = layernorm_config(hidden, dtype, 16);
-  const int per_sm = dtype == DType::kFloat32   ? bwd_blocks_per_sm<float>(c)
-                     : dtype == DType::kFloat16 ? bwd_blocks_per_sm<__half>(c)
-                                                : bwd_blocks_per_sm<__nv_bfloat16>(c);
+  const Config c = layernorm_config(hidden, dtype, 16, true);
+  const int per_sm = dtype == DType::kFloat32   ? bwd_blocks_per_sm<float>(c, hidden)
+                     : dtype == DType::kFloat16 ? bwd_blocks_per_sm<__half>(c, hidden)
+                                                : bwd_blocks_per_sm<__nv_bfloat16>(c, hidden);
   const int64_t blocks = static_cast<int64_t>(num_sms()) * (per_sm > 0 ? per_sm : 1);
   return rows < blocks ? rows : blocks;
 }
@@ -383,7 +391,7 @@ int64_t layernorm_bwd_num_partials(int64_t rows, int64_t hidden, DType dtype) {
 cudaError_t layernorm_fwd(const LayerNormFwdParams& p) {
   if (p.hidden < 1 || p.hidden > kLayerNormMaxHidden) return cudaErrorInvalidValue;
   if (p.rows == 0) return cudaSuccess;
-  const Config c = pick_config(p.hidden, p.dtype, {p.x, p.y, p.residual, p.sum}, {p.weight, p.bias});
+  const Config c = pick_config(p.hidden, p.dtype, {p.x, p.y, p.residual, p.sum}, {p.weight, p.bias}, false);
   const int grid = static_cast<int>(p.rows < (1 << 20) ? p.rows : (1 << 20));
   switch (p.dtype) {
     case DType::kFloat32: return fwd_for<float>(p, c, grid);
@@ -396,7 +404,7 @@ cudaError_t layernorm_bwd(const LayerNormBwdParams& p) {
   if (p.hidden < 1 || p.hidden > kLayerNormMaxHidden) return cudaErrorInvalidValue;
   const int64_t partials = layernorm_bwd_num_partials(p.rows, p.hidden, p.dtype);
   if (partials > 0) {
-    const Config c = pick_config(p.hidden, p.dtype, {p.dy, p.h, p.dx}, {p.weight});
+    const Config c = pick_config(p.hidden, p.dtype, {p.dy, p.h, p.dx}, {p.weight}, true);
     const int grid = static_cast<int>(partials);
     cudaError_t err = p.dtype == DType::kFloat32   ? bwd_for<float>(p, c, grid)
                       : p.dtype == DType::kFloat16 ? bwd_for<__half>(p, c, grid)
