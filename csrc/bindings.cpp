@@ -300,7 +300,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
   // delta = rowsum(dout * out) in fp32, [heads, total]
   const at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).t().contiguous();
-  at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  // fp32, zeroed, with kAttentionBlockM rows past the last token (the kernel adds exact zeros there)
+  at::Tensor dq_accum = at::zeros({q.size(0) + fastbert::kAttentionBlockM, q.size(1), q.size(2)},
+                                  q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
   fastbert::AttentionBwdParams p{};
@@ -312,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   FASTBERT_CHECK_CUDA(fastbert::attention_bwd(p), "attention_varlen_bwd");
-  return {dq_accum.to(q.scalar_type()), dk, dv};
+  return {dq_accum.narrow(0, 0, q.size(0)).to(q.scalar_type()), dk, dv};
 }
 
 at::Tensor attention_dropout_mask_cuda(const at::Tensor& cu_seqlens_in, int64_t heads, int64_t max_seqlen,

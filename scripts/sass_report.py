@@ -29,7 +29,8 @@ The method (what "one full-tile iteration" means), per warp (warp 0's path):
      is a template flag, so its variants are separate kernels;
    - every must-run instruction (HMMA, LDSM, LDGSTS, LDS, STS, LDG, STG, RED, ATOM, BAR outside
      the tile-load loops) executes exactly once: in a full tile every row's work is done;
-   - tile loads (ours: global->shared copies in loops, unrolled with remainders): each load site
+   - tile loads (ours: global->shared copies in loops, unrolled with remainders; cp.async tile loads,
+     unrolled, are must-run): each load site
      (a kernel-body source line, from -lineinfo, whose LDG sits in an inner loop) executes its
      16-byte loads rows * head_dim / 8 / threads times (other loads in inner loops once, as warp 0
      does); a branch around only a site's shared-memory stores is a runtime check that passes;
@@ -305,6 +306,14 @@ def iteration_path(instrs, dropout: bool, load_counts):
     site_other = {k for k in governed if instrs[k].op in MUST_RUN and k not in site_of}
     must = {k for k in body if instrs[k].op in MUST_RUN and k not in governed and k not in in_inner}
     philox = {k for k in body if PHILOX.search(instrs[k].operands)}
+    if not dropout:
+        # the dropout branches' own memory instructions (e.g. keep bits to shared memory) run only with dropout
+        for k in body:
+            ins = instrs[k]
+            if ins.op == "BRA" and _is_cond(ins) and ins.target is not None and index[ins.target] > k:
+                skipped = range(k + 1, index[ins.target])
+                if any(s in philox for s in skipped):
+                    must -= set(skipped)
 
     def forced(k):
         """True/False: the branch at k is taken / not taken; None: free."""
@@ -420,6 +429,11 @@ def run(cmd, **kw):
 def ours_cubin(arch, kind, cuobjdump, work):
     """The attention_<kind>_kernel cubin for sm_<arch>: from fastbert/_C*.so if it holds one, else nvcc."""
     sos = sorted(glob.glob(os.path.join(ROOT, "fastbert", "_C*.so")))
+    sources = [os.path.join(ROOT, "csrc", f) for f in ("common.h", "device_utils.cuh", "philox.cuh")]
+    sources += glob.glob(os.path.join(ROOT, "csrc", "attention", "*"))
+    newest = max(os.path.getmtime(f) for f in sources if os.path.exists(f))
+    if sos and os.path.getmtime(sos[0]) < newest:
+        sos = []  # the extension predates the kernel sources: compile them
     if sos:
         listing = run([cuobjdump, "-lelf", sos[0]])
         names = [ln.split(":")[-1].strip() for ln in listing.splitlines() if f"attention_{kind}_kernel." in ln]
@@ -563,8 +577,11 @@ def report(archs, head_dims, kinds=("fwd", "bwd")):
                             rows.append(row)
                             if who == "ours":
                                 funcs, res, spills, names = load(ours_paths[kind])
+                                # the backward takes dropout as a template flag: <T, d, dropout>
                                 mangled = next((m for m, n in names.items()
-                                                if f"attention_{kind}_kernel<__nv_bfloat16, {d}>" in n), None)
+                                                if f"attention_{kind}_kernel<__nv_bfloat16, {d}>" in n
+                                                or f"attention_{kind}_kernel<__nv_bfloat16, {d}, {str(dropout).lower()}>" in n),
+                                               None)
                                 tile = (OURS_BLOCK, OURS_BLOCK, OURS_THREADS // 32)
                                 rows_per_load = OURS_BLOCK
                             else:
@@ -612,7 +629,7 @@ def ours_smem(kind, d, elem=2):
     ld_t = 64 + 8
     if kind == "fwd":
         return (64 * (d + 8) * 2 + d * ld_t) * elem
-    return (4 * 64 * (d + 8) + 3 * d * ld_t + 64 * ld_t) * elem + 2 * 64 * 4
+    return (5 * 64 * (d + 8) + 64 * (64 + 8)) * elem + (2 * 2 * 64 + 2 * 2 * 32 * 2) * 4
 
 
 def format_table(rows):
@@ -642,6 +659,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archs", default="80,90")
     ap.add_argument("--head-dims", default="32,64,128")
+    ap.add_argument("--kinds", default="fwd,bwd", help="fwd, bwd or both")
     ap.add_argument("--json", help="write the rows, the commit and the tool versions here")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.archs.split(",")]
@@ -649,7 +667,10 @@ def main(argv=None):
     bad = [d for d in dims if d not in (32, 64, 128)]
     if bad:
         raise SystemExit(f"sass_report: --head-dims {bad}: our kernels are built for 32, 64 and 128")
-    rows, errors, sources = report(archs, dims)
+    kinds = tuple(k for k in args.kinds.split(","))
+    if not kinds or any(k not in ("fwd", "bwd") for k in kinds):
+        raise SystemExit(f"sass_report: --kinds {args.kinds!r}: expected fwd, bwd or fwd,bwd")
+    rows, errors, sources = report(archs, dims, kinds)
     print(format_table(rows))
     for e in errors:
         print("error:", e, file=sys.stderr)

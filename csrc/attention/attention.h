@@ -24,11 +24,11 @@ constexpr size_t attention_fwd_smem_bytes(int head_dim, int element_size) {
                              head_dim * kAttentionLdT) * element_size;
 }
 
-// The backward's: sK, sV, sQ, sdO [64][head_dim + 8]; sKt, sQt, sdOt [head_dim][kAttentionLdT];
-// sdS [64][kAttentionLdT]; lse and delta, 64 floats each.
+// The backward's (attention_bwd_kernel.cu, BwdSmem): sK, sV, sQ x 2, sdO [64][head_dim + 8];
+// sdS [64][64 + 8]; lse and delta [2][64] floats each; dropout bits [2][2][32][2] words.
 constexpr size_t attention_bwd_smem_bytes(int head_dim, int element_size) {
-  return static_cast<size_t>(4 * 64 * (head_dim + 8) + 3 * head_dim * kAttentionLdT + kAttentionBlockM * kAttentionLdT) *
-             element_size + 2 * kAttentionBlockM * sizeof(float);
+  return static_cast<size_t>(5 * 64 * (head_dim + 8) + kAttentionBlockN * (kAttentionBlockM + 8)) * element_size +
+         (2 * 2 * kAttentionBlockM + 2 * 2 * 32 * 2) * sizeof(float);
 }
 
 // Dropout on the attention probabilities, one Philox4x32-10 call (csrc/philox.cuh) per 16
@@ -90,7 +90,8 @@ struct AttentionBwdParams : AttentionProblem {
   const void* dout;               // [total, heads, head_dim], contiguous
   const float* lse;               // [heads, total], from the forward
   const float* delta;             // [heads, total], rowsum(dout * out) in fp32
-  float* dq_accum;                // [total, heads, head_dim] fp32, zeroed by the caller
+  float* dq_accum;                // [total + kAttentionBlockM, heads, head_dim] fp32, zeroed by the caller: the
+                                  // kernel adds (exact zeros) to the rows past a sequence's end unguarded
   void* dk;                       // [total, heads, head_dim], contiguous
   void* dv;                       // [total, heads, head_dim], contiguous
 };

@@ -367,12 +367,12 @@ def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale,
     dout = _operand(dout.to(q.dtype).contiguous())
     lse, cu = lse.contiguous(), cu_seqlens.contiguous()
     delta = (dout.float() * out.float()).sum(-1).t().contiguous()
-    dq_accum = torch.zeros(q.shape)
+    dq_accum = torch.zeros((q.shape[0] + 64, *q.shape[1:]))  # attention.h: kAttentionBlockM rows past the end
     dk, dv = torch.empty(q.shape, dtype=q.dtype), torch.empty(q.shape, dtype=q.dtype)
     args, _keep = _problem(q, k, v, cu, max_seqlen, scale, dropout_p, seed, offset)
     _call("attention_varlen_bwd", "emu_attention_bwd", *args, _ptr(dout), _ptr(lse), _ptr(delta), _ptr(dq_accum),
           _ptr(dk), _ptr(dv))
-    return dq_accum.to(q.dtype), dk, dv
+    return dq_accum[:q.shape[0]].to(q.dtype), dk, dv
 
 
 def attention_dropout_mask(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):

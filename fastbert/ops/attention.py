@@ -363,7 +363,7 @@ def kernel_unsupported(q):
 def smem_problem(head_dim: int, element_size: int, device, backward: bool):
     """Why the CUDA device cannot give the kernel for head_dim the shared memory its launcher asks
     for (a reason), or None. The size comes from the launcher's own formula, through the extension
-    (csrc/attention/attention.h); head_dim 128's backward needs more than sm_86/89/120's 99 KiB."""
+    (csrc/attention/attention.h); every head_dim fits sm_80's 163 KiB and sm_86/89/120's 99 KiB."""
     device = torch.device(device)
     if device.type != "cuda" or not _backend.has_op("attention_smem_bytes"):
         return None  # no GPU to ask, or an extension from before the op (the launch reports it)
