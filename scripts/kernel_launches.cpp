@@ -49,6 +49,10 @@ void attention() {
     }
   }
   row("attention_dropout_mask_kernel", {256}, 0);  // attention_dropout_mask(): 256 threads per block
+  for (const char* t : {"__half", "__nv_bfloat16"})  // attention_delta_kernel.cu: DeltaLauncher<T, D>
+    for (int d : fastbert::kAttentionHeadDims)
+      row("attention_bwd_delta_kernel<" + std::string(t) + ", " + std::to_string(d) + ">",
+          {fastbert::kAttentionDeltaThreads}, 0);
 }
 
 void layernorm() {

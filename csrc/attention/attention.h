@@ -89,7 +89,7 @@ struct AttentionFwdParams : AttentionProblem {
 struct AttentionBwdParams : AttentionProblem {
   const void* dout;               // [total, heads, head_dim], contiguous
   const float* lse;               // [heads, total], from the forward
-  const float* delta;             // [heads, total], rowsum(dout * out) in fp32
+  const float* delta;             // [heads, total], rowsum(dout * out) in fp32 (attention_bwd_delta)
   float* dq_accum;                // [total + kAttentionBlockM, heads, head_dim] fp32, zeroed by the caller: the
                                   // kernel adds (exact zeros) to the rows past a sequence's end unguarded
   void* dk;                       // [total, heads, head_dim], contiguous
@@ -106,7 +106,24 @@ struct AttentionDropoutMaskParams {
   cudaStream_t stream;
 };
 
+// The backward's preprocessing (attention_delta_kernel.cu): delta[h, t] = sum_d dout[t, h, d] *
+// out[t, h, d] in fp32, [heads, total_tokens]. dout and out: unit stride along head_dim, row and
+// head strides multiples of 8 elements, 16-byte aligned.
+constexpr int kAttentionDeltaThreads = 256;
+struct AttentionDeltaParams {
+  const void* dout;
+  const void* out;
+  int64_t dout_row_stride, dout_head_stride;  // in elements
+  int64_t out_row_stride, out_head_stride;
+  float* delta;                               // [heads, total_tokens]
+  int64_t total_tokens;
+  int heads, head_dim;                        // head_dim 32, 64 or 128
+  DType dtype;                                // kFloat16 or kBFloat16
+  cudaStream_t stream;
+};
+
 cudaError_t attention_fwd(const AttentionFwdParams& p);
+cudaError_t attention_bwd_delta(const AttentionDeltaParams& p);
 cudaError_t attention_bwd(const AttentionBwdParams& p);
 cudaError_t attention_dropout_mask(const AttentionDropoutMaskParams& p);
 

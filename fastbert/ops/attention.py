@@ -264,6 +264,13 @@ def attention_varlen_bwd_twin(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, s
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
 
+def attention_bwd_delta_twin(dout, out):
+    """CPU kernel of fastbert::attention_bwd_delta: rowsum(dout * out) over head_dim in fp32 (fp64 for
+    fp64 inputs), [heads, total_tokens]."""
+    dt = torch.promote_types(dout.dtype, torch.float32)
+    return (dout.to(dt) * out.to(dt)).sum(-1).t().contiguous()
+
+
 def attention_dropout_mask_twin(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):
     return dropout_keep_mask(cu_seqlens.cpu(), heads, max_seqlen, dropout_p, seed, offset).to(cu_seqlens.device)
 
@@ -285,6 +292,14 @@ if _backend.has_op("attention_varlen_fwd"):
     @torch.library.register_fake("fastbert::attention_varlen_bwd")
     def _attention_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset):
         return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+    if _backend.has_op("attention_bwd_delta"):  # an extension built before the op lacks it
+        torch.library.register_kernel("fastbert::attention_bwd_delta", "cpu",
+                                      _backend.cpu_kernel("attention_bwd_delta", attention_bwd_delta_twin))
+
+        @torch.library.register_fake("fastbert::attention_bwd_delta")
+        def _attention_bwd_delta_fake(dout, out):
+            return dout.new_empty((dout.shape[1], dout.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake("fastbert::attention_dropout_mask")
     def _attention_dropout_mask_fake(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):
