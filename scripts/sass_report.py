@@ -25,8 +25,9 @@ The method (what "one full-tile iteration" means), per warp (warp 0's path):
    tile's work done) goes:
    - runtime-flag branches: a forward branch whose skipped instructions hold Philox
      (its multipliers 0xD2511F53 / 0xCD9E8D57) is the dropout branch, counted only when taken:
-     its Philox code is on the path in the dropout variant and off it otherwise. FA2's dropout
-     is a template flag, so its variants are separate kernels;
+     its Philox code (and memory instructions inside it, e.g. keep bits to shared memory) is on
+     the path in the dropout variant and off it otherwise. FA2's dropout is a template flag, so
+     its variants are separate kernels; so is our backward's (attention_bwd_kernel<T, d, dropout>);
    - every must-run instruction (HMMA, LDSM, LDGSTS, LDS, STS, LDG, STG, RED, ATOM, BAR outside
      the tile-load loops) executes exactly once: in a full tile every row's work is done;
    - tile loads (ours: global->shared copies in loops, unrolled with remainders; cp.async tile loads,

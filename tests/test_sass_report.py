@@ -106,3 +106,14 @@ def test_dropout_variant_without_philox_code_is_an_error():
     plain = S.parse_nvdisasm(LISTING.replace("-0x2daee0ad", "0x3").replace("-0x326172a9", "0x5"))["_Z6kernelv"]
     with pytest.raises(S.CountError, match="executes no Philox code"):
         S.iteration_path(plain, True, lambda i: 2)
+
+
+def test_memory_inside_the_dropout_branch_runs_only_with_dropout():
+    """A shared-memory store inside the branch over Philox (the backward's keep bits) is must-run in
+    the dropout variant only: the plain variant skips the branch and counts neither."""
+    with_store = LISTING.replace("        /*00d0*/                   FSEL R8, R8, RZ, P3 ;",
+                                 "        /*00d0*/                   STS [R3], R9 ;")
+    ins = S.parse_nvdisasm(with_store)["_Z6kernelv"]
+    plain, drop = (S.count(ins, S.iteration_path(ins, d, lambda i: 2)) for d in (False, True))
+    assert (plain["sts"], drop["sts"]) == (2, 3)
+    assert drop["loop_instructions"] - plain["loop_instructions"] == 3 and drop["philox_instructions"] == 2
