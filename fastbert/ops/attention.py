@@ -265,10 +265,9 @@ def attention_varlen_bwd_twin(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, s
 
 
 def attention_bwd_delta_twin(dout, out):
-    """CPU kernel of fastbert::attention_bwd_delta: rowsum(dout * out) over head_dim in fp32 (fp64 for
-    fp64 inputs), [heads, total_tokens]."""
-    dt = torch.promote_types(dout.dtype, torch.float32)
-    return (dout.to(dt) * out.to(dt)).sum(-1).t().contiguous()
+    """CPU kernel of fastbert::attention_bwd_delta: rowsum(dout * out) over head_dim, computed and
+    returned in fp32 (the op's contract), [heads, total_tokens]."""
+    return (dout.float() * out.float()).sum(-1).t().contiguous()
 
 
 def attention_dropout_mask_twin(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):
