@@ -167,7 +167,7 @@ setup(
     package_data={"fastbert.data": ["*.txt"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4", "numpy", "safetensors", "tokenizers>=0.15", "tqdm", "matplotlib"],
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tokenizers>=0.15,<0.24", "tqdm", "matplotlib"],
     extras_require={"test": ["pytest", "pytest-benchmark", "transformers", "sentence-transformers"]},
     entry_points={"console_scripts": ["fastbert=fastbert.cli:main"]},
     zip_safe=False,

@@ -788,9 +788,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embeddings_layernorm_dropout_bwd_
   const int64_t partials = fastbert::bdrln_bwd_num_partials(rows, hidden, dtype);
   at::Tensor dh = at::empty_like(h);
   at::Tensor workspace = at::empty({3, partials, hidden}, h.options().dtype(at::kFloat));
-  at::Tensor dweight = at::empty({hidden}, h.options().dtype(at::kFloat));
-  at::Tensor dbias = at::empty({hidden}, h.options().dtype(at::kFloat));
-  at::Tensor unused = at::empty({hidden}, h.options().dtype(at::kFloat));  // the column sum of dx: no bias here
+  // fp32 sums written in weight's dtype (fp32 without a weight), as bias_dropout_residual_layernorm_bwd
+  const bool has_weight = weight_in.has_value() && weight_in->defined();
+  const at::ScalarType grad_type = has_weight ? weight_in->scalar_type() : at::kFloat;
+  at::Tensor dweight = at::empty({hidden}, h.options().dtype(grad_type));
+  at::Tensor dbias = at::empty({hidden}, h.options().dtype(grad_type));
+  at::Tensor unused = at::empty({hidden}, h.options().dtype(grad_type));  // the column sum of dx: no bias here
   fastbert::BdrlnBwdParams p{};
   p.dy = dy.data_ptr();
   p.h = h.data_ptr();
@@ -800,9 +803,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embeddings_layernorm_dropout_bwd_
   p.dx = nullptr;
   p.dresidual = dh.data_ptr();
   p.partial = workspace.data_ptr<float>();
-  p.dweight = dweight.data_ptr();  // grad_dtype: fp32 (zero-initialized p)
+  p.dweight = dweight.data_ptr();
   p.dbeta = dbias.data_ptr();
   p.dbias = unused.data_ptr();
+  p.grad_dtype = has_weight ? float_dtype(*weight_in, op) : fastbert::DType::kFloat32;
   p.rows = rows;
   p.hidden = hidden;
   p.dropout = row_dropout(dropout_p, seed, offset, op);

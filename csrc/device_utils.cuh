@@ -62,6 +62,18 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t 
 #endif
 }
 
+// 2^x as one MUFU.EX2 (ex2.approx.ftz.f32: relative error ~2^-22, subnormal results flushed to 0,
+// 2^-inf = 0); exp2f elsewhere (the emulator, host code).
+__device__ __forceinline__ float exp2_approx(float x) {
+#if !defined(FASTBERT_EMULATE) && defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l gives the address of row l % 8 of
 // matrix l / 8 (8 x 16-bit elements, 16-byte aligned, shared memory). r[i] holds matrix i's
 // elements [l / 4][2 (l % 4) .. +1], or with .trans its elements [2 (l % 4) .. +1][l / 4].
@@ -131,17 +143,6 @@ __device__ __forceinline__ void cp_async_wait() {
   ::emu::cp_async_wait(N);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-
-// 2^x as one MUFU.EX2 (ex2.approx.ftz.f32: 2 ulp, denormal results flushed; 2^-inf = 0).
-__device__ __forceinline__ float fast_exp2(float x) {
-#if defined(__CUDA_ARCH__) && !defined(FASTBERT_EMULATE)
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#else
-  return exp2f(x);
 #endif
 }
 

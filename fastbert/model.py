@@ -18,8 +18,11 @@ measured faster); True forces it, False keeps the padded path.
 
 Where the padding-free path differs from the padded one (only at positions no loss reads): the
 padded outputs are zeros at padding positions; the pooler/NSP input of a sequence with no real
-token (attention_mask all 0) is a zero vector (pooler_output = tanh(pooler.dense.bias)); and
-a labelled position must be a real token (checked when check_inputs is on).
+token (attention_mask all 0) is a zero vector (pooler_output = tanh(pooler.dense.bias)). A label
+on a padding position, which transformers counts in the loss, has no row here: with
+`padding_free` None such a batch takes the padded path (equal to transformers) wherever that is
+seen without a device sync (CPU tensors, or check_inputs on); `padding_free=True` refuses it
+(ValueError, check_inputs on); unseen (CUDA, check_inputs off) it is left out of the MLM loss.
 """
 import math
 from dataclasses import dataclass, fields
@@ -571,6 +574,15 @@ class BertForPreTraining(BertPreTrainedModel):
         self.bert.check_inputs, self.bert.padding_free = self.check_inputs, self.padding_free
         if self.padding_free is None and self._cpu_padding_free(input_ids, attention_mask, labels, output_hidden_states):
             self.bert.padding_free = True
+        if labels is not None:
+            _validate.integer("input_ids", input_ids)
+            masked_positions = self._masked_positions(labels, masked_positions, input_ids.shape)
+            if self._labels_on_padding(input_ids, attention_mask, masked_positions):
+                if self.padding_free:
+                    raise ValueError("a labelled position (labels != -100) is padding (attention_mask 0); the "
+                                     "padding-free path has no row there: label real tokens only, or set "
+                                     "model.padding_free = False (or None) to compute it as transformers does")
+                self.bert.padding_free = False  # transformers counts it in the loss: so does the padded path
         hidden, pooled, all_hidden, packing = self.bert.encode(input_ids, attention_mask, token_type_ids,
                                                                position_ids, output_hidden_states, packing)
         seq = input_ids.shape[1]
@@ -580,11 +592,19 @@ class BertForPreTraining(BertPreTrainedModel):
 
         mlm_loss = nsp_loss = None
         if labels is not None:
-            masked_positions = self._masked_positions(labels, masked_positions, input_ids.shape)
-            rows = masked_positions if packing is None else self._packed_rows(masked_positions, attention_mask)
-            picked = ops.gather(hidden.reshape(-1, hidden.shape[-1]), rows, check=False)
+            targets = labels.reshape(-1)[masked_positions]
+            if packing is None:
+                rows = masked_positions
+            else:
+                rows, on_padding = self._packed_rows(masked_positions, attention_mask)
+                if on_padding is not None:  # only where unseen (see _labels_on_padding): left out of the loss
+                    targets = torch.where(on_padding, torch.full_like(targets, -100), targets)
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            if not flat.shape[0]:  # no real token at all: every label is on padding
+                flat = flat.new_zeros(1, flat.shape[1])
+            picked = ops.gather(flat, rows, check=False)
             logits = self.cls.predictions(picked)
-            mlm_loss = ops.cross_entropy(logits, labels.reshape(-1)[masked_positions], check=False)
+            mlm_loss = ops.cross_entropy(logits, targets, check=False)
         else:
             logits = self.cls.predictions(hidden)
             if packing is not None:  # [batch, seq, vocab], zeros at padding
@@ -610,16 +630,26 @@ class BertForPreTraining(BertPreTrainedModel):
             return False
         return 1.0 - float(torch.count_nonzero(attention_mask)) / attention_mask.numel() >= CPU_PADDING_FREE_FROM
 
+    def _labels_on_padding(self, input_ids, attention_mask, masked_positions):
+        """Whether the padding-free path would run and a labelled position is padding, where that can be
+        seen without a device sync: on CPU tensors, or when check_inputs is on (which syncs anyway)."""
+        if (attention_mask is None or tuple(attention_mask.shape) != tuple(input_ids.shape)
+                or not masked_positions.numel() or not self.bert.use_padding_free(input_ids)):
+            return False
+        if not self.check_inputs and (attention_mask.device.type != "cpu" or masked_positions.device.type != "cpu"):
+            return False
+        return not bool(attention_mask.reshape(-1)[masked_positions].bool().all())
+
     def _packed_rows(self, masked_positions, attention_mask):
-        """Flat positions in batch*seq -> rows of the packed tensor: the count of real tokens before
-        each (a cumulative sum of the mask; no host sync). Labelled positions must be real tokens."""
+        """Flat positions in batch*seq -> (rows of the packed tensor, which positions are padding or
+        None): a row is the count of real tokens before the position (a cumulative sum of the mask;
+        no host sync). A padding position has no row (it gets a valid one, its label is then ignored):
+        forward sends a batch with one to the padded path where it can see it."""
         if attention_mask is None:
-            return masked_positions
+            return masked_positions, None
         real = attention_mask.reshape(-1) != 0
-        if self.check_inputs and masked_positions.numel() and not bool(real[masked_positions].all()):
-            raise ValueError("a labelled position (labels != -100) is padding (attention_mask 0); the padding-free "
-                             "path has no row there: label real tokens only, or set model.padding_free = False")
-        return torch.cumsum(real, dim=0).sub_(1)[masked_positions]
+        rows = torch.cumsum(real, dim=0).sub_(1)[masked_positions].clamp_(min=0)
+        return rows, ~real[masked_positions]
 
     def _masked_positions(self, labels, masked_positions, shape):
         _validate.integer("labels", labels)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fastbert.config import BertConfig, preset
-from fastbert.interrupt import StopRequest
+from fastbert.interrupt import StopRequest, StopVote
 from fastbert.model import BertForPreTraining, Packing
 
 CHECKPOINT = "checkpoint.pt"
@@ -409,8 +409,17 @@ class Trainer:
             print(self._log_line(record), file=sys.stderr, flush=True)
         if "eval_mlm_loss" not in record and record["step"] < self.a.steps:
             return  # the picture is redrawn with each evaluation and at the end (~1 s of matplotlib each)
-        from fastbert.plotting import plot_training
-        plot_training(self.records, self.out / PLOT, title=f"fastbert pretrain: {self.out.name}")
+        self._plot()
+
+    def _plot(self):
+        """Draw training.png from the records so far; returns its path, or None when nothing is logged."""
+        if not self.main or not self.records:
+            return None
+        if getattr(self, "_plotted", None) != len(self.records):  # else the picture is up to date
+            from fastbert.plotting import plot_training
+            plot_training(self.records, self.out / PLOT, title=f"fastbert pretrain: {self.out.name}")
+            self._plotted = len(self.records)
+        return self.out / PLOT
 
     def _log_line(self, r):
         """A metrics record as one plain line, for logs where a progress bar would be carriage returns."""
@@ -525,9 +534,11 @@ class Trainer:
         self._window = window
         start_time, start_step = time.perf_counter(), self.step
         last_eval, saved_at = None, None
-        self._stop = StopRequest("\nfastbert pretrain: stopping after this step with a checkpoint (press Ctrl-C "
+        when = "this step" if self.world == 1 else "the next step"  # several processes: StopVote's one step late
+        self._stop = StopRequest(f"\nfastbert pretrain: stopping after {when} with a checkpoint (press Ctrl-C "
                                  "again to stop at once, keeping the last checkpoint)\n" if self.main else None)
         pending, step_loss = None, float("nan")  # (step, loss tensor) of the step whose loss is not read yet
+        self._vote = StopVote(self.device) if self.world > 1 else None
         try:
             self._stop.install()
             while self.step < end and not self._stop_agreed():
@@ -560,26 +571,30 @@ class Trainer:
                     self.save()
                     saved_at = self.step
             interrupted = self.step < end
+            if self._vote is not None and not interrupted:
+                self._vote.finish()  # the last boundary's vote, launched by every process
             if interrupted and saved_at != self.step:
                 if pending is not None:  # never save what a non-finite step wrote
                     self._checked_loss(*pending)
                 self.save()
+            plot = self._plot()  # also when stopped before an evaluation: the curves logged so far
+        except TrainingError:
+            self._plot()
+            raise
         finally:
             self._stop.uninstall()
             if bar is not None:
                 bar.close()
-            self._stop = self._window = None
-        return self._summary(start_time, start_step, last_eval, interrupted)
+            self._stop = self._window = self._vote = None
+        return self._summary(start_time, start_step, last_eval, interrupted, plot)
 
     def _stop_agreed(self):
-        """Whether to stop at this step boundary: a signal reached this process (or, with several
-        processes, any of them: all stop at the same step)."""
-        requested = self._stop.requested
-        if self.world > 1:
-            stop = torch.tensor([float(requested)], device=self.device)
-            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
-            requested = bool(stop.item())
-        return requested
+        """Whether to stop at this step boundary: a signal reached this process. With several processes,
+        whether one reached any of them by the previous boundary (StopVote: no host wait for the others
+        inside a step); all stop at the same boundary, one step after the signal's."""
+        if self._vote is None:
+            return self._stop.requested
+        return self._vote.vote(self._stop.requested)
 
     def _checked_loss(self, step, loss):
         """The loss of optimizer step `step` as a float (a host sync); stops the run if it is not finite.
@@ -642,12 +657,13 @@ class Trainer:
         window.update(sums=torch.zeros_like(sums), tokens=0, steps=0, t0=time.perf_counter(), last_tps=tps)
         return record
 
-    def _summary(self, start_time, start_step, last_eval, interrupted):
+    def _summary(self, start_time, start_step, last_eval, interrupted, plot=None):
         elapsed = time.perf_counter() - start_time
         last = self.records[-1] if self.records else {}
         return {"step": self.step, "steps": self.a.steps, "interrupted": interrupted or self.step < self.a.steps,
                 "stopped_as_asked": not interrupted and self.step == self.a.stop_at_step,
                 "seconds": elapsed, "steps_run": self.step - start_step, "out": str(self.out),
+                "plot": plot and str(plot), "log_every": self.a.log_every,
                 "first_loss": next((r["loss"] for r in self.records if "loss" in r), None),
                 "loss": last.get("loss"), "mlm_loss": last.get("mlm_loss"), **(last_eval or {}),
                 "tokens_per_s": last.get("tokens_per_s"), "parameters": self.model.num_parameters(),

@@ -1,7 +1,7 @@
 """Instructions per tensor-core instruction of our attention kernels and of torch's FlashAttention-2,
 counted statically from their SASS (issue 11: the measurement the attention rewrite is held to).
 
-    python scripts/sass_report.py [--archs 80,90] [--head-dims 32,64,128] [--json out.json]
+    python scripts/sass_report.py [--archs 80,90] [--head-dims 32,64,128] [--kinds fwd,bwd] [--json out.json]
 
 Where the kernels come from:
 - ours: the sm_XX cubin of csrc/attention/attention_{fwd,bwd}_kernel.cu inside fastbert/_C*.so when the
@@ -30,8 +30,9 @@ The method (what "one full-tile iteration" means), per warp (warp 0's path):
      its variants are separate kernels; so is our backward's (attention_bwd_kernel<T, d, dropout>);
    - every must-run instruction (HMMA, LDSM, LDGSTS, LDS, STS, LDG, STG, RED, ATOM, BAR outside
      the tile-load loops) executes exactly once: in a full tile every row's work is done;
-   - tile loads (ours: global->shared copies in loops, unrolled with remainders; cp.async tile loads,
-     unrolled, are must-run): each load site
+   - cp.async tile copies that are unrolled (ours: every LDGSTS of a tile written out, no loop)
+     are must-run instructions: each executes once, as in a full tile;
+   - tile loads in loops (global->shared copies in loops, unrolled with remainders): each load site
      (a kernel-body source line, from -lineinfo, whose LDG sits in an inner loop) executes its
      16-byte loads rows * head_dim / 8 / threads times (other loads in inner loops once, as warp 0
      does); a branch around only a site's shared-memory stores is a runtime check that passes;
@@ -41,10 +42,12 @@ The method (what "one full-tile iteration" means), per warp (warp 0's path):
    The path is then checked: every must-run instruction executed once, Philox code on the path
    iff dropout, and the HMMA count equal to the tile's FLOPs / 4,096 (one HMMA.16816 is
    16 x 8 x 16 multiply-adds): forward 4 * M * N * d, backward 10 * M * N * d FLOPs per CTA,
-   divided by its warps. A kernel failing a check is reported as an error, never as a number.
+   divided by its warps (ours_tile: our forward's M x N is 64 x 128, 64 x 64 at head_dim 128). A kernel failing a check is reported as an error, never as a number.
    Cross-check (issue 11's table, head_dim 64, sm_90): FA2 fwd 6.55, fwd+dropout 9.27, bwd 4.26,
-   bwd+dropout 5.73 instructions per HMMA; ours fwd 15.2, 29.3 (the backward before its
-   register rework: 11.1, 28.9 against the issue's 11.0, 28.8).
+   bwd+dropout 5.73 instructions per HMMA; ours fwd 15.2, 29.3 before the forward's rewrite (the
+   backward before its register rework: 11.1, 28.9 against the issue's 11.0, 28.8).
+   (`@!PT LDS RZ, [RZ]`, never executed, is what nvcc places around cp.async waits; it is counted
+   as an instruction, in FA2 as in ours.)
 3. Reported per kernel: the loop's executed instructions, HMMA, LDSM, LDGSTS, LDS and STS (all
    widths), instructions per HMMA, registers and spill bytes (cuobjdump -res-usage and the
    STL/LDL of the SASS, as scripts/kernel_report.py), static shared memory, and for ours the
@@ -86,6 +89,14 @@ FA2_BWD_TRAITS = {
     (128, False): "128, 64, 128, 8, 2, 4, 2, false, false", (128, True): "128, 64, 128, 8, 2, 4, 2, false, false",
 }
 OURS_THREADS, OURS_BLOCK = 128, 64  # csrc/attention/attention.h: kAttentionThreads, kAttentionBlockM/N
+
+
+def ours_tile(kind, head_dim):
+    """(query rows, keys, warps) of one main-loop iteration of our kernel (csrc/attention/attention.h:
+    the forward's kAttentionFwdBlockM x attention_fwd_block_n(head_dim), the backward's 64 x 64)."""
+    if kind == "fwd":
+        return 64, (64 if head_dim >= 128 else 128), OURS_THREADS // 32
+    return OURS_BLOCK, OURS_BLOCK, OURS_THREADS // 32
 
 
 # ----------------------------------------------------------------------------- SASS parsing
@@ -583,8 +594,8 @@ def report(archs, head_dims, kinds=("fwd", "bwd")):
                                                 if f"attention_{kind}_kernel<__nv_bfloat16, {d}>" in n
                                                 or f"attention_{kind}_kernel<__nv_bfloat16, {d}, {str(dropout).lower()}>" in n),
                                                None)
-                                tile = (OURS_BLOCK, OURS_BLOCK, OURS_THREADS // 32)
-                                rows_per_load = OURS_BLOCK
+                                tile = ours_tile(kind, d)
+                                rows_per_load = tile[1] if kind == "fwd" else tile[0]
                             else:
                                 if (kind, dropout, d) not in wanted:
                                     row["error"] = "kernel not found in libtorch_cuda.so"
@@ -627,9 +638,9 @@ def report(archs, head_dims, kinds=("fwd", "bwd")):
 
 def ours_smem(kind, d, elem=2):
     """attention.h's attention_{fwd,bwd}_smem_bytes (the launchers' dynamic shared memory)."""
-    ld_t = 64 + 8
-    if kind == "fwd":
-        return (64 * (d + 8) * 2 + d * ld_t) * elem
+    if kind == "fwd":  # sQ [64][d + 8], two buffers of sK, sV [block_n][d + 8]
+        return (64 + 4 * ours_tile(kind, d)[1]) * (d + 8) * elem
+    # sK, sV, two sQ, sdO [64][d + 8], sdS [64][64 + 8]; lse, delta [2][64]; dropout bits [2][2][32][2]
     return (5 * 64 * (d + 8) + 64 * (64 + 8)) * elem + (2 * 2 * 64 + 2 * 2 * 32 * 2) * 4
 
 
@@ -660,17 +671,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archs", default="80,90")
     ap.add_argument("--head-dims", default="32,64,128")
-    ap.add_argument("--kinds", default="fwd,bwd", help="fwd, bwd or both")
+    ap.add_argument("--kinds", default="fwd,bwd", help="fwd, bwd or both (each with and without dropout)")
     ap.add_argument("--json", help="write the rows, the commit and the tool versions here")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.archs.split(",")]
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or any(k not in ("fwd", "bwd") for k in kinds):
+        raise SystemExit(f"sass_report: --kinds {args.kinds!r}: expected fwd, bwd or fwd,bwd")
     dims = [int(d) for d in args.head_dims.split(",")]
     bad = [d for d in dims if d not in (32, 64, 128)]
     if bad:
         raise SystemExit(f"sass_report: --head-dims {bad}: our kernels are built for 32, 64 and 128")
-    kinds = tuple(k for k in args.kinds.split(","))
-    if not kinds or any(k not in ("fwd", "bwd") for k in kinds):
-        raise SystemExit(f"sass_report: --kinds {args.kinds!r}: expected fwd, bwd or fwd,bwd")
     rows, errors, sources = report(archs, dims, kinds)
     print(format_table(rows))
     for e in errors:

@@ -163,3 +163,42 @@ def test_torch_compile_gpu(seed):
     ref_loss, ref_grad = _reference(logits, labels)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(logits.grad.double(), ref_grad, rtol=2e-2, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- dtype, as F.cross_entropy
+
+from emulation import emulated, needs_emulator  # noqa: E402
+
+
+def _dtypes_case(dtype, autocast):
+    """(the dtype F.cross_entropy returns, a context with that autocast state, logits, labels)."""
+    logits, labels = _inputs(6, 53, dtype)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with ctx:
+        want = F.cross_entropy(logits, labels).dtype
+    return want, ctx, logits, labels
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_twin_loss_dtype_is_torchs(seed, dtype, autocast):
+    want, ctx, logits, labels = _dtypes_case(dtype, autocast)
+    assert want == (torch.float32 if autocast else dtype)  # what the kernel must match
+    with _backend.kernels(False), ctx:
+        assert cross_entropy(logits, labels).dtype == want
+
+
+@needs_emulator
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_emulated_kernel_loss_dtype_is_the_twins(seed, dtype, autocast):
+    """The kernel computes in fp32; the loss it returns has F.cross_entropy's dtype all the same
+    (bf16 logits: bf16, fp32 under autocast), and its gradient has the logits' dtype."""
+    want, ctx, logits, labels = _dtypes_case(dtype, autocast)
+    for inplace in (False, True):
+        leaf = logits.detach().requires_grad_()
+        with emulated(), ctx:
+            loss = cross_entropy(leaf * 1, labels, inplace_backward=inplace)
+            assert loss.dtype == want, (inplace, loss.dtype)
+            loss.backward()
+        assert leaf.grad.dtype == dtype

@@ -151,3 +151,71 @@ def test_gpu_selfcheck():
     results = mod.selfcheck(torch.device("cuda"))
     bad = [r for r in results if not r.ok]
     assert not bad, bad
+
+
+def _bwd_inputs(dtype, with_weight, seed):
+    a, b, c, weight, bias = _inputs(33, 96, dtype, contiguous=True)
+    weight = weight if with_weight else None
+    y, h, mean, rstd = torch.ops.fastbert.embeddings_layernorm_dropout_fwd(a, b, c, weight, bias, 1e-12, 0.1, seed, 5)
+    return torch.randn(33, 96, dtype=dtype), h, mean, rstd, weight
+
+
+def _fp32_sums(dy, h, mean, rstd, weight, seed):
+    """dweight and dbias from the twin on fp32 copies (fp32 weight): the sums the op must round once."""
+    f = [t.float() if t is not None else None for t in (dy, h, mean, rstd, weight)]
+    return mod.embeddings_layernorm_dropout_bwd_twin(*f, 0.1, seed, 5)[1:]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype, with_weight", [(torch.bfloat16, True), (torch.float16, True),
+                                                (torch.bfloat16, False)])
+def test_parameter_gradients_are_in_the_weight_dtype(seed, dtype, with_weight):
+    """The registered op (its CPU twin) gives dweight and dbias in weight's dtype (fp32 without a
+    weight), as torch's autograd expects of a bf16/fp16 parameter; the values are the fp32 sums
+    rounded once. The fake kernel agrees (torch.compile sees the same dtypes)."""
+    dy, h, mean, rstd, weight = _bwd_inputs(dtype, with_weight, seed)
+    got = torch.ops.fastbert.embeddings_layernorm_dropout_bwd(dy, h, mean, rstd, weight, 0.1, seed, 5)
+    want_dtype = dtype if with_weight else torch.float32
+    for name, g, w in zip(("dweight", "dbias"), got[1:], _fp32_sums(dy, h, mean, rstd, weight, seed)):
+        assert g.dtype == want_dtype, (name, g.dtype)
+        assert torch.equal(g, w.to(want_dtype)), name
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as fake:
+        args = [fake.from_tensor(t) if t is not None else None for t in (dy, h, mean, rstd, weight)]
+        out = torch.ops.fastbert.embeddings_layernorm_dropout_bwd(*args, 0.1, seed, 5)
+    assert [t.dtype for t in out] == [dtype, want_dtype, want_dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autograd_gives_each_parameter_its_dtype_and_the_twins_values(seed, dtype):
+    """Through the registered op's autograd: the bf16/fp16 LayerNorm weight and bias get gradients
+    in their own dtype, equal to the fp64 unfused ops' within the dtype's rounding."""
+    a, b, c, weight, bias = _inputs(21, 48, dtype, contiguous=True)
+    dy = torch.randn(21, 48, dtype=dtype)
+    leaves = [t.detach().requires_grad_() for t in (weight, bias)]
+    y = torch.ops.fastbert.embeddings_layernorm_dropout_fwd(a, b, c, *leaves, 1e-12, 0.0, 0, 0)[0]
+    got = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (weight, bias)]
+    ref = torch.autograd.grad(F.layer_norm((a + b + c).double(), (48,), *ref_leaves, 1e-12), ref_leaves, dy.double())
+    for name, g, r in zip(("dweight", "dbias"), got, ref):
+        assert g.dtype == dtype, (name, g.dtype)
+        torch.testing.assert_close(g.double(), r, rtol=2e-2, atol=2e-2 * r.abs().max().item(), msg=name)
+
+
+@needs_ext
+@needs_emulator
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("dtype, with_weight", [(torch.bfloat16, True), (torch.float16, True),
+                                                (torch.bfloat16, False)])
+def test_emulated_parameter_gradients_are_written_in_the_weight_dtype(seed, order, dtype, with_weight):
+    """The kernel writes dweight and dbias (fp32 sums) in weight's dtype (fp32 without a weight):
+    the dtype is the twin's, the values the twin's within one rounding."""
+    dy, h, mean, rstd, weight = _bwd_inputs(dtype, with_weight, seed)
+    with emulated(order=order, seed=seed):
+        kern = torch.ops.fastbert.embeddings_layernorm_dropout_bwd(dy, h, mean, rstd, weight, 0.1, seed, 5)
+    twin = mod.embeddings_layernorm_dropout_bwd_twin(dy, h, mean, rstd, weight, 0.1, seed, 5)
+    want = dtype if with_weight else torch.float32
+    for name, k, t in zip(("dweight", "dbias"), kern[1:], twin[1:]):
+        assert k.dtype == want and t.dtype == want, (name, k.dtype, t.dtype)
+        torch.testing.assert_close(k.float(), t.float(), rtol=1e-2, atol=1e-2, msg=name)

@@ -249,6 +249,22 @@ def test_attention_forward_backward(seed, order, dtype, dim, dropout_p):
 
 
 @orders
+@pytest.mark.parametrize("dim, scale_sign", [(32, 1), (64, -1), (128, 1)])
+def test_attention_forward_many_key_tiles(seed, order, dim, scale_sign):
+    """Sequences of several full key tiles (the forward's double-buffered main loop, tiles visited
+    last first), with and without a partial tile, and a negative scale (moved into Q's sign)."""
+    lengths = [300, 256, 5]
+    q, k, v, _, cu, max_len = _packed(lengths, 1, dim, torch.bfloat16)
+    scale = scale_sign / math.sqrt(dim)
+    with emulated(order, seed), poisoned_outputs():
+        out, lse = torch.ops.fastbert.attention_varlen_fwd(q, k, v, cu, max_len, scale, 0.0, 0, 0)
+    same = A.varlen_reference(q, k, v, cu, scale)
+    ref = A.varlen_reference(q.float(), k.float(), v.float(), cu, scale)
+    assert_ok([compare("out", f"d={dim}", torch.bfloat16, out, same[0], ref[0]),
+               compare("lse", f"d={dim}", torch.float32, lse, same[1], ref[1])])
+
+
+@orders
 def test_attention_dropout_mask_matches_host_twin(seed, order):
     cu = torch.tensor([0, 1, 8, 8, 105, 233], dtype=torch.int32)
     with emulated(order, seed):

@@ -38,9 +38,9 @@ BREAKS = {
         "  for (int o = kGroup / 2; o > 0; o /= 2) acc +=",
         "  for (int o = kGroup / 2; o > 1; o /= 2) acc +=", False),
     "mma_fragments_swapped": (
-        "attention/attention_common.cuh",
-        "  a[1] = ld32(r1);\n  a[2] = ld32(r0 + 8);",
-        "  a[1] = ld32(r0 + 8);\n  a[2] = ld32(r1);", False),
+        "attention/attention_fwd_kernel.cu",
+        "Elem<T>::mma(s[2 * np], qa[kk], b[0], b[1]);",
+        "Elem<T>::mma(s[2 * np], qa[kk], b[1], b[0]);", False),
     "syncthreads_removed": (
         "layernorm/layernorm_kernel.cu",
         "  __syncthreads();  // smem may be written again by the next call",

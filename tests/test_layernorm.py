@@ -236,3 +236,52 @@ def test_emulated_misaligned_pointers_take_narrower_packs(seed, dtype):
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         for got, want in ((y, ty), (total, ttotal), (dx, tdx), (dw, tdw), (db, tdb)):
             torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m: f"offset {offset}: {m}")
+
+
+# ----------------------------------------------------------------------------- dtype, as F.layer_norm
+
+
+@contextlib.contextmanager
+def _cuda_autocast_on_fake_tensors():
+    """CUDA autocast (bf16) around fake CUDA tensors: the fake kernels, the autocast rules and torch's
+    own F.layer_norm run without a GPU (torch.autocast("cuda") would disable itself without one)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    state = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    with FakeTensorMode():
+        torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("cuda", torch.bfloat16)
+        try:
+            yield
+        finally:
+            torch.set_autocast_enabled("cuda", state[0])
+            torch.set_autocast_dtype("cuda", state[1])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_kernel_output_dtype_under_cuda_autocast_is_torchs(dtype, residual):
+    """Under CUDA autocast F.layer_norm (the twin, and transformers' LayerNorm) runs in fp32 and returns
+    fp32; the kernel's op does too (its inputs cast to fp32), checked through its fake kernel."""
+    with _cuda_autocast_on_fake_tensors():
+        x = torch.empty(5, 24, device="cuda", dtype=dtype)
+        r = torch.empty(5, 24, device="cuda", dtype=dtype) if residual else None
+        w = torch.empty(24, device="cuda", dtype=dtype)
+        want = ln_module.layer_norm_twin(x, w, w, 1e-12, residual=r).dtype
+        y, total, mean, rstd = torch.ops.fastbert.layernorm_fwd(x, r, w, w, 1e-12)
+    assert want == torch.float32
+    assert y.dtype == want and mean.dtype == rstd.dtype == torch.float32
+
+
+@needs_emulator
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_emulated_kernel_output_dtype_is_the_twins(seed, dtype, autocast):
+    """On the CPU (autocast or not) F.layer_norm keeps the inputs' dtype; so does the emulated kernel."""
+    x, r, w, b = _inputs((3, 40), dtype)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with _backend.kernels(False), ctx:
+        want = layer_norm(x, w, b, residual=r).dtype
+    with emulated(), ctx:
+        got = layer_norm(x, w, b, residual=r).dtype
+    assert got == want == dtype

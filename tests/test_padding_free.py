@@ -112,6 +112,57 @@ def test_loss_equals_transformers(seed):
     torch.testing.assert_close(a.prediction_logits, b.prediction_logits.reshape(-1, config.vocab_size)[a.masked_positions], **TOL)
 
 
+def _transformers_twin(ours):
+    transformers = pytest.importorskip("transformers")
+    d = {k: v for k, v in ours.config.to_dict().items() if k != "model_type"}
+    hf_config = transformers.BertConfig(**d)
+    hf_config._attn_implementation = "eager"
+    theirs = transformers.BertForPreTraining(hf_config).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    return theirs
+
+
+@pytest.mark.parametrize("check_inputs", [True, False])
+def test_labels_on_padding_loss_equals_transformers_whichever_path(seed, check_inputs, monkeypatch):
+    """transformers counts a label on a padding position in the MLM loss (the position is computed as
+    a query over the real tokens). The default path choice (here padding-free: 47% padding on the CPU)
+    and the padded path give its loss, logits and gradients; a forced padding-free path refuses the
+    batch where it can see it, and where it cannot (CUDA, check_inputs off) leaves that label out."""
+    config = random_config()
+    ours = BertForPreTraining(config).eval()
+    ours.check_inputs = check_inputs
+    theirs = _transformers_twin(ours)
+    ids, mask, tt, labels, nsp = make_batch(config, [19, 4, 1, 30])
+    labels[1, 9], labels[2, 29] = 7, 5  # on padding (attention_mask 0)
+    b = theirs(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels, next_sentence_label=nsp)
+    b.loss.backward()
+    for padding_free in (None, False):
+        ours.padding_free = padding_free
+        ours.zero_grad()
+        a = ours(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+        a.loss.backward()
+        torch.testing.assert_close(a.loss, b.loss, **TOL)
+        torch.testing.assert_close(a.prediction_logits,
+                                   b.prediction_logits.reshape(-1, config.vocab_size)[a.masked_positions], **TOL)
+        for name, p in theirs.named_parameters():
+            torch.testing.assert_close(dict(ours.named_parameters())[name].grad, p.grad, **TOL, msg=name)
+    ours.padding_free = True
+    with pytest.raises(ValueError, match="is padding"):
+        ours(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    # unseen (as on CUDA with check_inputs off, where looking would be a host sync): left out of the loss
+    monkeypatch.setattr(BertForPreTraining, "_labels_on_padding", lambda *a: False)
+    a = ours(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    real_labels = torch.where(mask.bool(), labels, -100)
+    c = theirs(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=real_labels, next_sentence_label=nsp)
+    torch.testing.assert_close(a.loss, c.loss, **TOL)
+    assert a.prediction_logits.shape[0] == int((labels != -100).sum())  # still one row per label
+    labels = torch.full_like(labels, -100)
+    mask = torch.zeros_like(mask)
+    labels[0, 3] = 2  # no real token anywhere
+    a = ours(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+    assert a.mlm_loss == 0 and torch.isfinite(a.loss)
+
+
 def test_fully_padded_rows_are_finite_and_leave_the_others_alone(seed):
     config = random_config()
     padded, free = two_paths(BertForPreTraining, config)

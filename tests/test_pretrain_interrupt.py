@@ -275,3 +275,108 @@ def test_ctrl_c_in_a_terminal_with_dataloader_workers(tmp_path):
     assert p.returncode == 130 and "Traceback" not in err and "continue with:" in err, err[-3000:]
     rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     assert torch.load(out / CHECKPOINT, weights_only=False)["step"] == rows[-1]["step"] >= 6
+
+
+class _RecordedWork:
+    """An all_reduce's Work that notes the step counter when the loop waits for it."""
+
+    def __init__(self, work, entry, trainer):
+        self.work, self.entry, self.trainer = work, entry, trainer
+
+    def wait(self, *a, **k):
+        self.entry["waited_at"] = self.trainer.step
+        return self.work.wait(*a, **k)
+
+
+def _two_process_worker(rank, world, init_file, args, at, report):
+    """One process of a 2-process gloo run: process 1 alone gets SIGINT during step `at`. Notes every
+    1-element all_reduce (the stop vote): the step at its launch, async or not, the step at its wait."""
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trainer = Trainer(TrainArgs(**args))
+        votes, real = [], torch.distributed.all_reduce
+
+        def all_reduce(tensor, *a, **k):
+            work = real(tensor, *a, **k)
+            if tensor.numel() != 1:
+                return work
+            entry = {"launched_at": trainer.step, "async": bool(k.get("async_op")), "waited_at": None}
+            votes.append(entry)
+            return _RecordedWork(work, entry, trainer) if work is not None else None
+        torch.distributed.all_reduce = all_reduce
+        if rank == 1:
+            steps = []
+            trainer.optimizer.register_step_post_hook(
+                lambda *a: (steps.append(1), len(steps) == at and signal.raise_signal(signal.SIGINT)))
+        summary = trainer.train()
+        with open(report.format(rank=rank), "w") as f:
+            json.dump({"step": summary["step"], "interrupted": summary["interrupted"], "votes": votes}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_two_processes_agree_on_the_stop_one_step_late_without_waiting_inside_a_step(setup, tmp_path):
+    """A real 2-process gloo group; SIGINT reaches process 1 only, during step AT. Each step boundary
+    launches its stop vote asynchronously and reads the previous boundary's, so both processes run
+    step AT+1 and stop at the same boundary, AT+1, with one checkpoint of that step; every vote is
+    waited for one step after its launch (never inside the step that launched it)."""
+    root, base, _ = setup
+    out = tmp_path / "ddp"
+    args = {**base, "out": str(out), "steps": STEPS}
+    report = str(tmp_path / "rank{rank}.json")
+    torch.multiprocessing.start_processes(_two_process_worker, args=(2, str(tmp_path / "init"), args, AT, report),
+                                          nprocs=2, join=True, start_method="spawn")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["interrupted"] and r["step"] == AT + 1, r
+        votes = r["votes"]
+        assert [v["launched_at"] for v in votes] == list(range(AT + 1))  # boundaries 0..AT; at AT+1 it stops
+        assert all(v["async"] for v in votes), votes
+        assert all(v["waited_at"] == v["launched_at"] + 1 for v in votes), votes
+    ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+    assert ckpt["step"] == AT + 1 and len(ckpt["rng"]) == 2
+
+
+def test_stopped_before_the_first_evaluation_still_plots(setup, tmp_path, monkeypatch):
+    """Ctrl-C at step 2 of a run that logs every step and first evaluates at step 6: training.png holds
+    the train curves of steps 1-2, and the summary says where it is. Stopped before anything was
+    logged: no picture, and the summary says why."""
+    from fastbert.commands.pretrain import format_summary
+    root, base, _ = setup
+    drawn = []
+    original = plotting.plot_training
+    monkeypatch.setattr(plotting, "plot_training",
+                        lambda records, *a, **k: (drawn.append([r["step"] for r in records]), original(records, *a, **k))[1])
+    out = tmp_path / "run"
+    trainer = Trainer(TrainArgs(out=str(out), **{**base, "log_every": 1, "eval_every": 6}))
+    Injector(trainer, "after_step", [signal.SIGINT], monkeypatch, at=2)
+    summary = trainer.train()
+    assert summary["interrupted"] and summary["step"] == 2
+    assert drawn == [[1, 2]]  # no evaluation happened: drawn once, at the end, from both train records
+    assert summary["plot"] == str(out / "training.png")
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"training curves: {out / 'training.png'}" in format_summary(summary)
+
+    drawn.clear()
+    out = tmp_path / "early"
+    trainer = Trainer(TrainArgs(out=str(out), **{**base, "log_every": 5, "eval_every": 6}))
+    Injector(trainer, "after_step", [signal.SIGINT], monkeypatch, at=2)
+    summary = trainer.train()
+    assert summary["step"] == 2 and summary["plot"] is None and drawn == []
+    assert not (out / "training.png").exists()
+    text = format_summary(summary)
+    assert "no training.png: the run stopped before its first metrics line (every --log-every 5 steps)" in text
+    assert "training.png" not in text.splitlines()[1]
+
+
+def test_stop_at_step_before_the_first_evaluation_plots(setup, tmp_path):
+    root, base, _ = setup
+    out = tmp_path / "run"
+    summary = Trainer(TrainArgs(out=str(out), **{**base, "log_every": 1, "stop_at_step": 2})).train()
+    assert summary["stopped_as_asked"] and summary["plot"] == str(out / "training.png")
+    assert (out / "training.png").stat().st_size > 10_000

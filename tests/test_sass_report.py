@@ -117,3 +117,56 @@ def test_memory_inside_the_dropout_branch_runs_only_with_dropout():
     plain, drop = (S.count(ins, S.iteration_path(ins, d, lambda i: 2)) for d in (False, True))
     assert (plain["sts"], drop["sts"]) == (2, 3)
     assert drop["loop_instructions"] - plain["loop_instructions"] == 3 and drop["philox_instructions"] == 2
+
+
+# Our forward's shape: the next tile's copy is unrolled cp.async (LDGSTS, no loop) behind a branch
+# the last iteration skips (`if (j > 0)`), then the commit/wait dummies, HMMA and the back edge.
+CP_ASYNC_LISTING = """
+	.text._Z3fwdv:
+_Z3fwdv:
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_x_0:
+        /*0010*/                   LDGDEPBAR ;
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0030*/               @P1 BRA `(.L_x_1) ;
+        /*0040*/                   IADD3 R2, P2, R2, -0x4000, RZ ;
+        /*0050*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ;
+        /*0060*/                   LDGSTS.E.BYPASS.128 [R3+0x900], desc[UR4][R4.64+0x2000] ;
+        /*0070*/                   LDGDEPBAR ;
+.L_x_1:
+        /*0080*/                   LDSM.16.M88.4 R8, [R6] ;
+        /*0090*/                   HMMA.16816.F32.BF16 R12, R4, R8, R12 ;
+        /*00a0*/                   HMMA.16816.F32.BF16 R16, R4, R10, R16 ;
+        /*00b0*/               @P0 BRA `(.L_x_0) ;
+        /*00c0*/                   EXIT ;
+"""
+
+
+def test_unrolled_cp_async_copy_behind_a_branch_is_counted_once():
+    ins = S.parse_nvdisasm(CP_ASYNC_LISTING)["_Z3fwdv"]
+    path = S.iteration_path(ins, False, lambda i: 1)
+    c = S.count(ins, path)
+    # LDGDEPBAR, BAR, the branch, the copy (IADD3, 2 LDGSTS, LDGDEPBAR), LDSM, 2 HMMA, the back edge
+    assert (c["loop_instructions"], c["ldgsts"], c["ldsm"], c["hmma"]) == (11, 2, 1, 2)
+
+
+def test_our_forward_tile_and_shared_memory_follow_attention_h():
+    """sass_report's copy of the forward's tile (ours_tile, ours_smem) against the launch table that
+    scripts/kernel_launches.cpp builds from csrc/attention/attention.h."""
+    spec = importlib.util.spec_from_file_location("kernel_report", ROOT / "scripts" / "kernel_report.py")
+    kr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kr)
+    try:
+        kr.cuda_include()
+    except SystemExit as e:
+        pytest.skip(str(e))
+    table = kr.launch_table()
+    for d in (32, 64, 128):
+        launch = next(v for name, v in table.items() if name.startswith("attention_fwd_kernel")
+                      and name.replace(" ", "").endswith(f"bfloat16,{d}>"))
+        assert launch.dynamic_smem == S.ours_smem("fwd", d), (d, launch)
+        m, n, warps = S.ours_tile("fwd", d)
+        assert launch.threads == (warps * 32,) and launch.dynamic_smem == (m + 4 * n) * (d + 8) * 2
+    for d in (32, 64, 128):  # the backward: <T, d, dropout>, one layout for both
+        for flag in ("false", "true"):
+            assert table[f"attention_bwd_kernel<__nv_bfloat16, {d}, {flag}>"].dynamic_smem == S.ours_smem("bwd", d)

@@ -17,11 +17,18 @@ constexpr int kAttentionBlockN = 64;     // keys per tile
 constexpr int kAttentionLdT = 64 + 8;    // row length of the transposed tiles ([head_dim][64 tokens])
 constexpr int kAttentionHeadDims[] = {32, 64, 128};
 
+// The forward's tile: kAttentionFwdBlockM query rows per CTA (4 warps x 16 rows, kAttentionThreads)
+// against attention_fwd_block_n(head_dim) keys per main-loop iteration (128; 64 at head_dim 128,
+// where a warp's 16 x 128 output accumulators already take 64 registers).
+constexpr int kAttentionFwdBlockM = 64;
+constexpr int attention_fwd_block_n(int head_dim) { return head_dim >= 128 ? 64 : 128; }
+
 // Dynamic shared memory the forward launcher requests for head_dim and a 2-byte element type:
-// sQ, sK [64][head_dim + 8] and sVt [head_dim][kAttentionLdT].
+// sQ [64][head_dim + 8] and two buffers (double buffering) of sK, sV [block_n][head_dim + 8]
+// (rows padded by 16 bytes, so the 8 rows an ldmatrix phase reads fall in distinct banks).
 constexpr size_t attention_fwd_smem_bytes(int head_dim, int element_size) {
-  return static_cast<size_t>(kAttentionBlockM * (head_dim + 8) + kAttentionBlockN * (head_dim + 8) +
-                             head_dim * kAttentionLdT) * element_size;
+  return static_cast<size_t>((kAttentionFwdBlockM + 4 * attention_fwd_block_n(head_dim)) * (head_dim + 8)) *
+         element_size;
 }
 
 // The backward's (attention_bwd_kernel.cu, BwdSmem): sK, sV, sQ x 2, sdO [64][head_dim + 8];

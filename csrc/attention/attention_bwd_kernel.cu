@@ -231,10 +231,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
 #pragma unroll
       for (int nt = 0; nt < kQW / 8; ++nt) {
         const float2 l = *reinterpret_cast<const float2*>(sLse + soff + c * kQW + 8 * nt + 2 * t);
-        s[nt][0] = fast_exp2(fmaf(s[nt][0], scale_log2, -l.x));
-        s[nt][1] = fast_exp2(fmaf(s[nt][1], scale_log2, -l.y));
-        s[nt][2] = fast_exp2(fmaf(s[nt][2], scale_log2, -l.x));
-        s[nt][3] = fast_exp2(fmaf(s[nt][3], scale_log2, -l.y));
+        s[nt][0] = exp2_approx(fmaf(s[nt][0], scale_log2, -l.x));
+        s[nt][1] = exp2_approx(fmaf(s[nt][1], scale_log2, -l.y));
+        s[nt][2] = exp2_approx(fmaf(s[nt][2], scale_log2, -l.x));
+        s[nt][3] = exp2_approx(fmaf(s[nt][3], scale_log2, -l.y));
       }
       // dP^T = V dO^T
       float dp[kQW / 8][4] = {};

@@ -4,11 +4,11 @@
 //
 // Flash-style attention (FlashAttention-2 schedule) for packed variable-length sequences.
 //
-// Forward: one CTA per (64-query tile, head, sequence), 4 warps, each warp owns 16 query rows.
-// The CTA walks the sequence's keys in tiles of 64: K and V^T go to shared memory, S = Q K^T
-// with mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulate), online softmax in fp32 registers,
-// O += P V with P taken straight from the S accumulators. Scores never reach global memory;
-// the logsumexp of each row is saved for the backward.
+// Forward (attention_fwd_kernel.cu, its own header comment): one CTA per (64-query tile, head,
+// sequence), 4 warps of 16 query rows, key tiles double-buffered with cp.async, fragments read
+// with ldmatrix, S = Q K^T and O += P V with mma.sync m16n8k16 (fp32 accumulate), online softmax
+// in fp32 registers. Scores never reach global memory; the logsumexp of each row is saved for
+// the backward.
 //
 // Backward: rowsum(dO * O) comes precomputed (delta). One CTA per (64-key tile, head, sequence),
 // each warp owns 16 keys and walks the query tiles: S^T = K Q^T, P^T = exp(S^T - lse), dV +=

@@ -86,7 +86,13 @@ def format_summary(s):
     if s.get("eval_mlm_loss") is not None:
         lines.append(f"  held-out: MLM loss {s['eval_mlm_loss']:.3f}, MLM accuracy {s['eval_mlm_accuracy']:.1%}, "
                      f"NSP accuracy {s['eval_nsp_accuracy']:.1%} (majority-class rate {s['eval_nsp_majority']:.1%})")
-    lines.append(f"  outputs in {s['out']}: model/ (transformers format), metrics.jsonl, training.png, checkpoint.pt")
+    metrics = ", metrics.jsonl, training.png" if s.get("plot") else ""
+    lines.append(f"  outputs in {s['out']}: model/ (transformers format){metrics}, checkpoint.pt")
+    if s.get("plot"):
+        lines.append(f"  training curves: {s['plot']}")
+    else:
+        every = f" (every --log-every {s['log_every']} steps)" if s.get("log_every") else ""
+        lines.append(f"  no training.png: the run stopped before its first metrics line{every}")
     if s["interrupted"]:
         lines.append(f"  continue with: {resume_command(s['out'])}")
     return "\n".join(lines)

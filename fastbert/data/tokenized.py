@@ -1,10 +1,11 @@
 """Tokenize a corpus once: cached on disk, keyed by corpus fingerprint + tokenizer fingerprint."""
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from fastbert import atomic
 
 _CHUNK = 2048  # sentences per encode_batch call (one progress-bar step)
 
@@ -75,10 +76,8 @@ def tokenize_corpus(corpus, tokenizer, cache_dir=None, *, use_cache=True, progre
         per_doc = np.array([len(doc) for doc in docs], dtype=np.int64)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-            with os.fdopen(fd, "wb") as f:
+            with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.savez(f, ids=flat, sentence_lengths=lengths, doc_sentences=per_doc)
-            os.replace(tmp, path)
         except OSError:
             pass  # an unwritable cache only costs time
     return docs

@@ -9,6 +9,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from fastbert import atomic
+
 # Order fixes the ids of a trained tokenizer: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DEFAULT_MODEL_MAX_LENGTH = 512
@@ -205,19 +207,23 @@ class Tokenizer:
         return result
 
     def save(self, directory):
-        """Write tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json."""
+        """Write tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json.
+
+        Each file is written atomically (a crash leaves it absent, old or whole), tokenizer.json
+        last: the file `load` prefers marks a complete save in a directory that had none."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self._tk.save(str(d / "tokenizer.json"))
-        (d / "vocab.txt").write_text("".join(t + "\n" for t in self._id_to_token), encoding="utf-8")
+        atomic.write_text(d / "vocab.txt", "".join(t + "\n" for t in self._id_to_token))
         specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
                     "cls_token": "[CLS]", "mask_token": "[MASK]"}
         config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.lowercase,
                   "tokenize_chinese_chars": True, "strip_accents": None,
                   "model_max_length": self.model_max_length, "clean_up_tokenization_spaces": False,
                   **specials}
-        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (d / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
+        atomic.write_text(d / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic.write_text(d / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
+        with atomic.atomic_path(d / "tokenizer.json") as tmp:
+            self._tk.save(str(tmp))
         return d
 
     # -- properties -----------------------------------------------------------------------

@@ -543,13 +543,14 @@ def embeddings_layernorm_dropout_bwd(dy, h, mean, rstd, weight, dropout_p, seed,
     hidden = h.shape[-1]
     rows = h.numel() // hidden
     dy, h, mean, rstd = dy.contiguous(), h.contiguous(), mean.contiguous(), rstd.contiguous()
+    grad_dtype = weight.dtype if weight is not None else torch.float32  # the binding's: weight's dtype
     weight = _fp32_param(weight, hidden, "weight")
     with _lock:
         partials = _num_partials("emu_bdrln_bwd_num_partials", rows, hidden, dtype)
         dh = torch.empty_like(h)
         workspace = torch.empty((3, partials, hidden))
-        dweight, dbias, unused = torch.empty(hidden), torch.empty(hidden), torch.empty(hidden)
+        dweight, dbias, unused = (torch.empty(hidden, dtype=grad_dtype) for _ in range(3))
         _call(op, "emu_bdrln_bwd", _ptr(dy), _ptr(h), _ptr(mean), _ptr(rstd), _ptr(weight), None, _ptr(dh),
               _ptr(workspace), _ptr(dweight), _ptr(dbias), _ptr(unused), rows, hidden,
-              *_row_dropout(dropout_p, seed, offset, op), 1, dtype, _DTYPES[torch.float32])
+              *_row_dropout(dropout_p, seed, offset, op), 1, dtype, _DTYPES[grad_dtype])
     return dh, dweight, dbias

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import _backend, _validate
+from fastbert.ops._kernel_params import kernel_params
 from fastbert.ops.attention import keep_threshold, philox4x32_10
 
 MAX_KERNEL_HIDDEN = 4096  # csrc/bias_dropout_residual_layernorm/bias_dropout_residual_layernorm.h: kBdrlnMaxHidden
@@ -184,6 +185,7 @@ def bias_dropout_residual_layer_norm(x: torch.Tensor, bias: torch.Tensor, residu
             dtype = torch.promote_types(x.dtype, residual.dtype)
             x, residual = x.to(dtype), residual.to(dtype)
         seed, offset = _draw_seed_offset() if p > 0.0 else (0, 0)
+        bias, weight, ln_bias = kernel_params(bias, weight, ln_bias)  # bf16/fp16 without a gradient: fp32 once
         return torch.ops.fastbert.bias_dropout_residual_layernorm_fwd(x, bias, residual, weight, ln_bias, float(eps),
                                                                       p, seed, offset)[0]
     return bias_dropout_residual_layer_norm_twin(x, bias, residual, weight, ln_bias, eps, p, p > 0.0)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import _backend, _validate
+from fastbert.ops._kernel_params import kernel_params
 
 APPROXIMATE = ("none", "tanh")  # the model maps a config's hidden_act onto these (model.GELU_APPROXIMATE)
 
@@ -106,6 +107,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
     if approximate not in APPROXIMATE:
         raise ValueError(f"approximate must be one of {APPROXIMATE} (as F.gelu), got {approximate!r}")
     if _backend.use_kernel("bias_gelu_fwd", x, bias):
+        bias, = kernel_params(bias)  # a bf16/fp16 one without a gradient: fp32 once, not per call
         return torch.ops.fastbert.bias_gelu_fwd(x, bias, approximate)
     return bias_gelu_twin(x, bias, approximate)
 

@@ -119,7 +119,8 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
                   inplace_backward: bool = False, check: bool = True) -> torch.Tensor:
     """Mean cross-entropy of logits [rows, classes] against labels [rows] (ignore_index skipped).
 
-    On CUDA with the kernel built the loss is fp32 whatever the logits' dtype.
+    The loss has the dtype F.cross_entropy gives: the logits' dtype, fp32 under autocast (the
+    kernel computes in fp32 either way).
     inplace_backward=True lets the kernel write the gradient over the logits (no second
     [rows, classes] buffer); the logits must not be used after the backward then. It applies
     in eager mode to logits with unit stride along classes; elsewhere it is ignored.
@@ -146,7 +147,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
             loss = _CrossEntropyInplace.apply(logits, labels, ignore_index)
         else:
             loss = torch.ops.fastbert.cross_entropy_fwd(logits, labels, ignore_index)[0]
-        return loss.sum() / count.clamp(min=1)
+        loss = loss.sum() / count.clamp(min=1)
+        # the dtype the twin (F.cross_entropy) gives: fp32 under autocast, which runs it in fp32, else the logits'
+        return loss if torch.is_autocast_enabled(logits.device.type) else loss.to(logits.dtype)
     return cross_entropy_twin(logits, labels.long(), ignore_index)
 
 

@@ -6,7 +6,8 @@ registers LayerNorm with fp32 statistics): h = a + b + c is rounded to the input
 out for the backward and normalized; the dropout acts on the normalized output with the Philox
 rule of csrc/row_dropout.h (the twin's mask is `row_keep_mask`, bit for bit). The backward drops
 out dy with the regenerated mask, then runs the LayerNorm backward; dh is the gradient of a, b
-and c alike.
+and c alike; dweight and dbias (fp32 column sums) are written in weight's dtype (fp32 without a
+weight), so a bf16/fp16 LayerNorm gets its gradients in its own dtype with no cast op after them.
 
     torch.ops.fastbert.embeddings_layernorm_dropout_fwd(a, b, c?, weight?, bias?, eps, dropout_p, seed, offset)
         -> (y, h, mean, rstd)
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import _backend, _validate
+from fastbert.ops._kernel_params import kernel_params
 from fastbert.ops.bias_dropout_residual_layernorm import MAX_KERNEL_HIDDEN, _draw_seed_offset, _dropped
 
 _OP = "embeddings_layernorm_dropout"
@@ -56,7 +58,9 @@ def embeddings_layernorm_dropout_bwd_twin(dy, h, mean, rstd, weight, dropout_p, 
     c1 = wg.mean(dim=1, keepdim=True)
     c2 = (wg * xhat).mean(dim=1, keepdim=True)
     dh = (wg - c1 - xhat * c2) * rstd.to(dt)[:, None]
-    return dh.to(h.dtype).reshape(h.shape), (g * xhat).sum(dim=0).float(), g.sum(dim=0).float()
+    grad_dtype = weight.dtype if weight is not None else torch.float32  # fp32 sums written in weight's dtype
+    return (dh.to(h.dtype).reshape(h.shape), (g * xhat).sum(dim=0).float().to(grad_dtype),
+            g.sum(dim=0).float().to(grad_dtype))
 
 
 def embeddings_layer_norm_dropout_twin(a, b, c, weight, bias, eps=1e-12, dropout_p=0.0, training=False):
@@ -82,7 +86,8 @@ if _backend.has_op(f"{_OP}_fwd"):
     @torch.library.register_fake(f"fastbert::{_OP}_bwd")
     def _bwd_fake(dy, h, mean, rstd, weight, dropout_p, seed, offset):
         hidden = h.shape[-1]
-        return h.new_empty(h.shape), h.new_empty(hidden, dtype=torch.float32), h.new_empty(hidden, dtype=torch.float32)
+        grad_dtype = weight.dtype if weight is not None else torch.float32
+        return h.new_empty(h.shape), h.new_empty(hidden, dtype=grad_dtype), h.new_empty(hidden, dtype=grad_dtype)
 
     def _setup(ctx, inputs, output):
         a, b, c, weight, bias, eps, dropout_p, seed, offset = inputs
@@ -100,7 +105,7 @@ if _backend.has_op(f"{_OP}_fwd"):
             dy = torch.zeros_like(h)
         dh, dweight, dbias = torch.ops.fastbert.embeddings_layernorm_dropout_bwd(dy.contiguous(), h, mean, rstd,
                                                                                  weight, *ctx.dropout)
-        weight_dt, bias_dt = ctx.dtypes
+        weight_dt, bias_dt = ctx.dtypes  # the .to()s below: no op where the dtypes agree
         return (dh, dh, dh if ctx.has_c else None, dweight.to(weight_dt) if weight_dt is not None else None,
                 dbias.to(bias_dt) if bias_dt is not None else None, None, None, None, None)
 
@@ -137,6 +142,7 @@ def embeddings_layer_norm_dropout(a: torch.Tensor, b: torch.Tensor, c: torch.Ten
     tensors = [t for t in (a, b, c, weight, bias) if t is not None]
     if same_dtype and hidden <= MAX_KERNEL_HIDDEN and _backend.use_kernel(f"{_OP}_fwd", *tensors):
         seed, offset = _draw_seed_offset() if p > 0.0 else (0, 0)
+        weight, bias = kernel_params(weight, bias)  # bf16/fp16 ones without a gradient: fp32 once, not per call
         return torch.ops.fastbert.embeddings_layernorm_dropout_fwd(a, b, c, weight, bias, float(eps), p, seed,
                                                                    offset)[0]
     return embeddings_layer_norm_dropout_twin(a, b, c, weight, bias, eps, p, p > 0.0)

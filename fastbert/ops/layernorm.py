@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import _backend, _validate
+from fastbert.ops._kernel_params import kernel_params
 
 MAX_KERNEL_HIDDEN = 8192  # csrc/layernorm/layernorm.h: kLayerNormMaxHidden
 
@@ -99,6 +100,9 @@ if _backend.has_op("layernorm_fwd"):
                 dbias.to(ctx.bias_dtype) if ctx.has_bias else None, None)
 
     torch.library.register_autograd("fastbert::layernorm_fwd", _layernorm_backward, setup_context=_layernorm_setup)
+    # Autocast as for F.layer_norm (the twin): CUDA autocast runs it in fp32 (inputs cast, fp32 out, as
+    # transformers' LayerNorm gives under autocast); CPU autocast leaves it in the inputs' dtype.
+    torch.library.register_autocast("fastbert::layernorm_fwd", "cuda", torch.float32)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -109,7 +113,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """LayerNorm(x + residual) over the last dimension, or LayerNorm(x) without a residual.
 
     On CUDA with the kernel built, the output has x's dtype (after promotion with residual's)
-    whatever weight's dtype is; statistics are fp32.
+    whatever weight's dtype is, and fp32 under CUDA autocast, as F.layer_norm; statistics are fp32.
     """
     _validate.tensor("x", x, dtypes=_validate.FLOAT_DTYPES)
     if x.dim() == 0:
@@ -129,6 +133,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         if residual is not None and residual.dtype != x.dtype:  # the promotion `x + residual` would do
             dtype = torch.promote_types(x.dtype, residual.dtype)
             x, residual = x.to(dtype), residual.to(dtype)
+        weight, bias = kernel_params(weight, bias)  # bf16/fp16 ones without a gradient: fp32 once, not per call
         return torch.ops.fastbert.layernorm_fwd(x, residual, weight, bias, float(eps))[0]
     return layer_norm_twin(x, weight, bias, eps, residual)
 
