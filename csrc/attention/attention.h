@@ -14,7 +14,6 @@ namespace fastbert {
 constexpr int kAttentionThreads = 128;   // 4 warps
 constexpr int kAttentionBlockM = 64;     // query rows per tile (4 warps x 16)
 constexpr int kAttentionBlockN = 64;     // keys per tile
-constexpr int kAttentionLdT = 64 + 8;    // row length of the transposed tiles ([head_dim][64 tokens])
 constexpr int kAttentionHeadDims[] = {32, 64, 128};
 
 // The forward's tile: kAttentionFwdBlockM query rows per CTA (4 warps x 16 rows, kAttentionThreads)
