@@ -80,6 +80,8 @@ TORCH_LIBRARY(fastbert, m) {
   m.def("attention_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens, int max_seqlen, float scale, float dropout_p, int seed, int offset) "
         "-> (Tensor, Tensor, Tensor)");
+  // The backward's preprocessing: delta [heads, total] fp32 = rowsum(dout * out) over head_dim.
+  m.def("attention_bwd_delta(Tensor dout, Tensor out) -> Tensor");
   // The dropout keep mask the two ops above use: bool [batch, heads, max_seqlen, max_seqlen].
   m.def("attention_dropout_mask(Tensor cu_seqlens, int heads, int max_seqlen, float dropout_p, int seed, "
         "int offset) -> Tensor");
@@ -281,6 +283,38 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q
   return {out, lse};
 }
 
+// delta = rowsum(dout * out) over head_dim, fp32 [heads, total], by the preprocessing kernel.
+at::Tensor attention_bwd_delta_into(const at::Tensor& dout, const at::Tensor& out, const char* op) {
+  const at::Tensor d = attention_operand(dout), o = attention_operand(out);
+  at::Tensor delta = at::empty({d.size(1), d.size(0)}, d.options().dtype(at::kFloat));
+  fastbert::AttentionDeltaParams p{};
+  p.dout = d.data_ptr();
+  p.out = o.data_ptr();
+  p.dout_row_stride = d.stride(0), p.dout_head_stride = d.stride(1);
+  p.out_row_stride = o.stride(0), p.out_head_stride = o.stride(1);
+  p.delta = delta.data_ptr<float>();
+  p.total_tokens = d.size(0);
+  p.heads = static_cast<int>(d.size(1));
+  p.head_dim = static_cast<int>(d.size(2));
+  p.dtype = attention_dtype(d, op);
+  p.stream = current_stream(d);
+  FASTBERT_CHECK_CUDA(fastbert::attention_bwd_delta(p), op);
+  return delta;
+}
+
+at::Tensor attention_bwd_delta_cuda(const at::Tensor& dout, const at::Tensor& out) {
+  TORCH_CHECK(dout.is_cuda() && out.is_cuda() && dout.device() == out.device(),
+              "attention_bwd_delta: expected dout and out on one CUDA device");
+  TORCH_CHECK(dout.dim() == 3 && out.sizes() == dout.sizes(), "attention_bwd_delta: dout and out must be one "
+              "[total_tokens, heads, head_dim] shape, got ", dout.sizes(), " and ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == dout.scalar_type(), "attention_bwd_delta: dout and out must have one dtype");
+  const int64_t d = dout.size(2);
+  TORCH_CHECK(d == 32 || d == 64 || d == 128, "attention_bwd_delta: head_dim must be 32, 64 or 128, got ", d);
+  TORCH_CHECK(dout.size(1) <= 65535 && dout.size(0) < (int64_t(1) << 31), "attention_bwd_delta: too many heads or tokens");
+  c10::cuda::CUDAGuard guard(dout.device());
+  return attention_bwd_delta_into(dout, out, "attention_bwd_delta");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_in, int64_t max_seqlen,
@@ -298,9 +332,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   const at::Tensor dout = attention_operand(dout_in.to(q.scalar_type()).contiguous());  // kernel: contiguous
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
-  // delta = rowsum(dout * out) in fp32, [heads, total]
-  const at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).t().contiguous();
-  at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  const at::Tensor delta = attention_bwd_delta_into(dout, out.to(q.scalar_type()), "attention_varlen_bwd");
+  // fp32, zeroed, with kAttentionBlockM rows past the last token (the kernel adds exact zeros there)
+  at::Tensor dq_accum = at::zeros({q.size(0) + fastbert::kAttentionBlockM, q.size(1), q.size(2)},
+                                  q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
   fastbert::AttentionBwdParams p{};
@@ -312,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   FASTBERT_CHECK_CUDA(fastbert::attention_bwd(p), "attention_varlen_bwd");
-  return {dq_accum.to(q.scalar_type()), dk, dv};
+  return {dq_accum.narrow(0, 0, q.size(0)).to(q.scalar_type()), dk, dv};
 }
 
 at::Tensor attention_dropout_mask_cuda(const at::Tensor& cu_seqlens_in, int64_t heads, int64_t max_seqlen,
@@ -792,6 +827,7 @@ TORCH_LIBRARY_IMPL(fastbert, CUDA, m) {
   m.impl("attention_varlen_fwd", &attention_varlen_fwd_cuda);
   m.impl("attention_varlen_bwd", &attention_varlen_bwd_cuda);
   m.impl("attention_dropout_mask", &attention_dropout_mask_cuda);
+  m.impl("attention_bwd_delta", &attention_bwd_delta_cuda);
   // ---- end attention ----
   // ---- layernorm, cross_entropy ----
   m.impl("layernorm_fwd", &layernorm_fwd_cuda);

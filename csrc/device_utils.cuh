@@ -115,6 +115,20 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
 #endif
 }
 
+// cp_async_16 with zero fill: when !valid no byte is read and the 16 bytes at smem become zero
+// (src-size 0), so rows past a sequence need no separate store.
+__device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, bool valid) {
+#if defined(FASTBERT_EMULATE)
+  alignas(16) static const unsigned char zeros[16] = {};
+  ::emu::cp_async(smem, valid ? gmem : zeros, 16, __FILE__, __LINE__);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(valid ? 16 : 0));
+#else
+  *reinterpret_cast<uint4*>(smem) = valid ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(FASTBERT_EMULATE)
   ::emu::cp_async_commit();
@@ -129,6 +143,30 @@ __device__ __forceinline__ void cp_async_wait() {
   ::emu::cp_async_wait(N);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// at[0] += a, at[1] += b as fp32 reductions (no return value): one red.global.add.v2.f32 on
+// sm_90 (at 8-byte aligned), two scalar ones before (no vector float reductions there). (ptxas
+// branches around a predicated reduction, so callers arrange not to need a predicate.)
+__device__ __forceinline__ void red_add_v2_f32(float* at, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(FASTBERT_EMULATE)
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(at), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(at, a);
+  atomicAdd(at + 1, b);
+#endif
+}
+
+// (x, y) if (bits & mask) != 0, else (0, 0): one LOP3 to a predicate and two FSEL (written as
+// PTX because the compiler otherwise shifts, masks and compares per bit).
+__device__ __forceinline__ void select2_if_bit(uint32_t bits, uint32_t mask, float& x, float& y) {
+#if defined(__CUDA_ARCH__) && !defined(FASTBERT_EMULATE)
+  asm("{ .reg .pred p; .reg .b32 m; and.b32 m, %2, %3; setp.ne.b32 p, m, 0; selp.f32 %0, %0, 0f00000000, p; "
+      "selp.f32 %1, %1, 0f00000000, p; }"
+      : "+f"(x), "+f"(y) : "r"(bits), "r"(mask));
+#else
+  if ((bits & mask) == 0u) x = y = 0.f;
 #endif
 }
 

@@ -59,10 +59,16 @@ void attention() {
     for (int d : fastbert::kAttentionHeadDims) {
       const std::string args = std::string("<") + t + ", " + std::to_string(d) + ">";
       row("attention_fwd_kernel" + args, {fastbert::kAttentionThreads}, fastbert::attention_fwd_smem_bytes(d, 2));
-      row("attention_bwd_kernel" + args, {fastbert::kAttentionThreads}, fastbert::attention_bwd_smem_bytes(d, 2));
+      for (const char* dropout : {"false", "true"})  // attention_bwd_kernel<T, D, dropout enabled>
+        row("attention_bwd_kernel<" + std::string(t) + ", " + std::to_string(d) + ", " + dropout + ">",
+            {fastbert::kAttentionThreads}, fastbert::attention_bwd_smem_bytes(d, 2));
     }
   }
   row("attention_dropout_mask_kernel", {256}, 0);  // attention_dropout_mask(): 256 threads per block
+  for (const char* t : {"__half", "__nv_bfloat16"})  // attention_delta_kernel.cu: DeltaLauncher<T, D>
+    for (int d : fastbert::kAttentionHeadDims)
+      row("attention_bwd_delta_kernel<" + std::string(t) + ", " + std::to_string(d) + ">",
+          {fastbert::kAttentionDeltaThreads}, 0);
 }
 
 void layernorm() {

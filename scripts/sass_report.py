@@ -25,13 +25,14 @@ The method (what "one full-tile iteration" means), per warp (warp 0's path):
    tile's work done) goes:
    - runtime-flag branches: a forward branch whose skipped instructions hold Philox
      (its multipliers 0xD2511F53 / 0xCD9E8D57) is the dropout branch, counted only when taken:
-     its Philox code is on the path in the dropout variant and off it otherwise. FA2's dropout
-     is a template flag, so its variants are separate kernels;
+     its Philox code (and memory instructions inside it, e.g. keep bits to shared memory) is on
+     the path in the dropout variant and off it otherwise. FA2's dropout is a template flag, so
+     its variants are separate kernels; so is our backward's (attention_bwd_kernel<T, d, dropout>);
    - every must-run instruction (HMMA, LDSM, LDGSTS, LDS, STS, LDG, STG, RED, ATOM, BAR outside
      the tile-load loops) executes exactly once: in a full tile every row's work is done;
-   - cp.async tile copies that are unrolled (ours' forward: every LDGSTS of the next tile written
-     out, no loop) are must-run instructions: each executes once, as in a full tile;
-   - tile loads in loops (ours' backward: global->shared copies in loops, unrolled with remainders): each load site
+   - cp.async tile copies that are unrolled (ours: every LDGSTS of a tile written out, no loop)
+     are must-run instructions: each executes once, as in a full tile;
+   - tile loads in loops (global->shared copies in loops, unrolled with remainders): each load site
      (a kernel-body source line, from -lineinfo, whose LDG sits in an inner loop) executes its
      16-byte loads rows * head_dim / 8 / threads times (other loads in inner loops once, as warp 0
      does); a branch around only a site's shared-memory stores is a runtime check that passes;
@@ -317,6 +318,14 @@ def iteration_path(instrs, dropout: bool, load_counts):
     site_other = {k for k in governed if instrs[k].op in MUST_RUN and k not in site_of}
     must = {k for k in body if instrs[k].op in MUST_RUN and k not in governed and k not in in_inner}
     philox = {k for k in body if PHILOX.search(instrs[k].operands)}
+    if not dropout:
+        # the dropout branches' own memory instructions (e.g. keep bits to shared memory) run only with dropout
+        for k in body:
+            ins = instrs[k]
+            if ins.op == "BRA" and _is_cond(ins) and ins.target is not None and index[ins.target] > k:
+                skipped = range(k + 1, index[ins.target])
+                if any(s in philox for s in skipped):
+                    must -= set(skipped)
 
     def forced(k):
         """True/False: the branch at k is taken / not taken; None: free."""
@@ -432,6 +441,11 @@ def run(cmd, **kw):
 def ours_cubin(arch, kind, cuobjdump, work):
     """The attention_<kind>_kernel cubin for sm_<arch>: from fastbert/_C*.so if it holds one, else nvcc."""
     sos = sorted(glob.glob(os.path.join(ROOT, "fastbert", "_C*.so")))
+    sources = [os.path.join(ROOT, "csrc", f) for f in ("common.h", "device_utils.cuh", "philox.cuh")]
+    sources += glob.glob(os.path.join(ROOT, "csrc", "attention", "*"))
+    newest = max(os.path.getmtime(f) for f in sources if os.path.exists(f))
+    if sos and os.path.getmtime(sos[0]) < newest:
+        sos = []  # the extension predates the kernel sources: compile them
     if sos:
         listing = run([cuobjdump, "-lelf", sos[0]])
         names = [ln.split(":")[-1].strip() for ln in listing.splitlines() if f"attention_{kind}_kernel." in ln]
@@ -575,8 +589,11 @@ def report(archs, head_dims, kinds=("fwd", "bwd")):
                             rows.append(row)
                             if who == "ours":
                                 funcs, res, spills, names = load(ours_paths[kind])
+                                # the backward takes dropout as a template flag: <T, d, dropout>
                                 mangled = next((m for m, n in names.items()
-                                                if f"attention_{kind}_kernel<__nv_bfloat16, {d}>" in n), None)
+                                                if f"attention_{kind}_kernel<__nv_bfloat16, {d}>" in n
+                                                or f"attention_{kind}_kernel<__nv_bfloat16, {d}, {str(dropout).lower()}>" in n),
+                                               None)
                                 tile = ours_tile(kind, d)
                                 rows_per_load = tile[1] if kind == "fwd" else tile[0]
                             else:
@@ -621,10 +638,10 @@ def report(archs, head_dims, kinds=("fwd", "bwd")):
 
 def ours_smem(kind, d, elem=2):
     """attention.h's attention_{fwd,bwd}_smem_bytes (the launchers' dynamic shared memory)."""
-    ld_t = 64 + 8
     if kind == "fwd":  # sQ [64][d + 8], two buffers of sK, sV [block_n][d + 8]
         return (64 + 4 * ours_tile(kind, d)[1]) * (d + 8) * elem
-    return (4 * 64 * (d + 8) + 3 * d * ld_t + 64 * ld_t) * elem + 2 * 64 * 4
+    # sK, sV, two sQ, sdO [64][d + 8], sdS [64][64 + 8]; lse, delta [2][64]; dropout bits [2][2][32][2]
+    return (5 * 64 * (d + 8) + 64 * (64 + 8)) * elem + (2 * 2 * 64 + 2 * 2 * 32 * 2) * 4
 
 
 def format_table(rows):

@@ -146,6 +146,20 @@ def test_opcheck_cpu(seed):
     torch.library.opcheck(torch.ops.fastbert.attention_dropout_mask, (cu, 2, max_len, 0.1, 5, 6))
 
 
+@pytest.mark.skipif(not _backend.has_op("attention_bwd_delta"), reason="the extension predates attention_bwd_delta")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bwd_delta_op_on_cpu(seed, dtype):
+    """fastbert::attention_bwd_delta: rowsum(dout * out) over head_dim, fp32 [heads, total]; opcheck
+    (schema, fake, CPU kernel) and the values, from a strided out."""
+    dout = torch.randn(11, 3, 32, dtype=dtype)
+    out = torch.randn(11, 4, 32, dtype=dtype)[:, 1:]
+    torch.library.opcheck(torch.ops.fastbert.attention_bwd_delta, (dout, out))
+    delta = torch.ops.fastbert.attention_bwd_delta(dout, out)
+    assert delta.shape == (3, 11) and delta.dtype == torch.float32 and delta.is_contiguous()
+    want = torch.einsum("thd,thd->ht", dout.double(), out.double())
+    torch.testing.assert_close(delta.double(), want, atol=1e-2 if dtype == torch.float16 else 1e-5, rtol=1e-3)
+
+
 def test_public_varlen_and_padded_on_cpu(seed):
     q, k, v, cu, max_len = packed([1, 7, 12])
     out = A.attention_varlen(q, k, v, cu, max_len)

@@ -275,6 +275,24 @@ def test_attention_dropout_mask_matches_host_twin(seed, order):
 
 
 @orders
+@pytest.mark.parametrize("dtype, dim", [(torch.float16, 32), (torch.bfloat16, 64), (torch.float16, 128),
+                                        (torch.bfloat16, 128)])
+def test_attention_bwd_delta(seed, order, dtype, dim):
+    """The backward's preprocessing kernel, delta = rowsum(dout * out) [heads, total] in fp32, on an
+    odd token count and an `out` whose heads are a strided slice of a wider buffer."""
+    total, heads = 37, 3
+    dout = torch.randn(total, heads, dim, dtype=dtype)
+    out = torch.randn(total, heads + 2, dim, dtype=dtype)[:, 1:heads + 1]
+    assert not out.is_contiguous()
+    with emulated(order, seed), poisoned_outputs():
+        got = _emulator.attention_bwd_delta(dout, out)
+    twin = A.attention_bwd_delta_twin(dout, out)
+    ref = (dout.double() * out.double()).sum(-1).t()
+    assert got.shape == (heads, total) and got.dtype == torch.float32
+    assert_ok([compare("attention_bwd_delta", f"d={dim}", dtype, got, twin, ref)])
+
+
+@orders
 def test_attention_padded_entry_and_empty_sequences(seed, order):
     batch, seq = 3, 70
     q, k, v = (torch.randn(batch, seq, 2, 64, dtype=torch.bfloat16) for _ in range(3))

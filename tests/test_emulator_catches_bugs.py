@@ -33,6 +33,10 @@ BREAKS = {
         "    for (int64_t v = lane; v < vecs_per_row; v += 32) d[v] = s[v];",
         "    Vec* d = reinterpret_cast<Vec*>(dst + row * dst_stride);\n"
         "    for (int64_t v = lane; v <= vecs_per_row; v += 32) d[v] = s[v];", True),
+    "delta_shuffle_one_step_short": (
+        "attention/attention_delta_kernel.cu",
+        "  for (int o = kGroup / 2; o > 0; o /= 2) acc +=",
+        "  for (int o = kGroup / 2; o > 1; o /= 2) acc +=", False),
     "mma_fragments_swapped": (
         "attention/attention_fwd_kernel.cu",
         "Elem<T>::mma(s[2 * np], qa[kk], b[0], b[1]);",
@@ -60,6 +64,13 @@ PROGRAMS = {
         with emulated("forward"):
             out = torch.ops.fastbert.gather_rows(x, index)
         print("equal", torch.equal(out, x[index]))
+    """,
+    "delta_shuffle_one_step_short": """
+        from fastbert.ops import _emulator
+        dout, out = (torch.randn(21, 2, 64, dtype=torch.bfloat16) for _ in range(2))
+        with emulated("forward"):
+            delta = _emulator.attention_bwd_delta(dout, out)
+        print("delta error", (delta - A.attention_bwd_delta_twin(dout, out)).abs().max().item())
     """,
     "mma_fragments_swapped": """
         q, k, v = (torch.randn(70, 2, 32, dtype=torch.float16) for _ in range(3))
@@ -135,6 +146,12 @@ def test_gather_bound_off_by_one_is_reported_by_asan_with_file_and_line():
     assert "csrc/gather/gather_kernel.cu:20" in r.stderr, r.stderr[-3000:]
 
 
+def test_delta_reduction_one_step_short_gives_a_wrong_result():
+    r = run_broken("delta_shuffle_one_step_short")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(value(r.stdout, "delta error")) > 1e-2, r.stdout
+
+
 def test_two_mma_fragments_swapped_give_a_wrong_result():
     r = run_broken("mma_fragments_swapped")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -179,7 +196,7 @@ def test_the_unbroken_kernels_pass_the_same_programs():
     """The programs above with the real kernels: no error, no ASan report (so each failure above is
     the break's doing)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    for name in ("shuffle_one_step_short", "mma_fragments_swapped", "syncthreads_removed"):
+    for name in ("shuffle_one_step_short", "delta_shuffle_one_step_short", "mma_fragments_swapped", "syncthreads_removed"):
         code = PRELUDE.format(tests=str(ROOT / "tests")) + textwrap.dedent(PROGRAMS[name])
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -124,22 +124,21 @@ def test_smem_problem_threshold(monkeypatch, backward):
 
 
 @needs_smem_op
-def test_sm86_runs_head_dim_128_backward_on_the_twin(monkeypatch):
-    _props(monkeypatch, 99 * 1024)  # sm_86/89/120's opt-in limit
-    assert A.smem_problem(128, 2, CUDA0, backward=False) is None
-    assert A.smem_problem(64, 2, CUDA0, backward=True) is None
+def test_sm86_runs_every_head_dim_on_the_kernels(monkeypatch):
+    _props(monkeypatch, 99 * 1024)  # sm_86/89/120's opt-in limit: the head_dim 128 backward fits since issue 11
+    assert all(A.smem_problem(d, 2, CUDA0, backward=b) is None for d in A.HEAD_DIMS for b in (False, True))
+    _props(monkeypatch, 64 * 1024)
     assert A.smem_problem(128, 2, CUDA0, backward=True) is not None
-    _props(monkeypatch, 227 * 1024)  # sm_90
-    assert A.smem_problem(128, 2, CUDA0, backward=True) is None
 
 
 @needs_smem_op
 @pytest.mark.parametrize("dim, falls_back", [(128, True), (64, False)])
 def test_backward_falls_back_to_the_twin_once(monkeypatch, fresh_backend, seed, dim, falls_back):
-    """_varlen_bwd (attention's autograd backward) on a GPU with sm_86's 99 KiB: head_dim 128 runs
-    the twin with a one-time warning, head_dim 64 the op. CPU tensors stand in for the GPU's, whose
-    properties are monkeypatched; the op's CPU kernel is the twin, so both give the twin's grads."""
-    _props(monkeypatch, 99 * 1024)
+    """_varlen_bwd (attention's autograd backward) on a GPU one byte short of the head_dim 128
+    backward's shared memory: head_dim 128 runs the twin with a one-time warning, head_dim 64 the
+    op. CPU tensors stand in for the GPU's, whose properties are monkeypatched; the op's CPU kernel
+    is the twin, so both give the twin's grads."""
+    _props(monkeypatch, torch.ops.fastbert.attention_smem_bytes(128, 2, True) - 1)
     real_problem = A.smem_problem
     monkeypatch.setattr(A, "smem_problem", lambda d, e, device, backward: real_problem(d, e, CUDA0, backward))
     twin_calls = []

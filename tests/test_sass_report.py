@@ -108,6 +108,17 @@ def test_dropout_variant_without_philox_code_is_an_error():
         S.iteration_path(plain, True, lambda i: 2)
 
 
+def test_memory_inside_the_dropout_branch_runs_only_with_dropout():
+    """A shared-memory store inside the branch over Philox (the backward's keep bits) is must-run in
+    the dropout variant only: the plain variant skips the branch and counts neither."""
+    with_store = LISTING.replace("        /*00d0*/                   FSEL R8, R8, RZ, P3 ;",
+                                 "        /*00d0*/                   STS [R3], R9 ;")
+    ins = S.parse_nvdisasm(with_store)["_Z6kernelv"]
+    plain, drop = (S.count(ins, S.iteration_path(ins, d, lambda i: 2)) for d in (False, True))
+    assert (plain["sts"], drop["sts"]) == (2, 3)
+    assert drop["loop_instructions"] - plain["loop_instructions"] == 3 and drop["philox_instructions"] == 2
+
+
 # Our forward's shape: the next tile's copy is unrolled cp.async (LDGSTS, no loop) behind a branch
 # the last iteration skips (`if (j > 0)`), then the commit/wait dummies, HMMA and the back edge.
 CP_ASYNC_LISTING = """
@@ -156,3 +167,6 @@ def test_our_forward_tile_and_shared_memory_follow_attention_h():
         assert launch.dynamic_smem == S.ours_smem("fwd", d), (d, launch)
         m, n, warps = S.ours_tile("fwd", d)
         assert launch.threads == (warps * 32,) and launch.dynamic_smem == (m + 4 * n) * (d + 8) * 2
+    for d in (32, 64, 128):  # the backward: <T, d, dropout>, one layout for both
+        for flag in ("false", "true"):
+            assert table[f"attention_bwd_kernel<__nv_bfloat16, {d}, {flag}>"].dynamic_smem == S.ours_smem("bwd", d)

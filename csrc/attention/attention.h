@@ -14,7 +14,6 @@ namespace fastbert {
 constexpr int kAttentionThreads = 128;   // 4 warps
 constexpr int kAttentionBlockM = 64;     // query rows per tile (4 warps x 16)
 constexpr int kAttentionBlockN = 64;     // keys per tile
-constexpr int kAttentionLdT = 64 + 8;    // row length of the transposed tiles ([head_dim][64 tokens])
 constexpr int kAttentionHeadDims[] = {32, 64, 128};
 
 // The forward's tile: kAttentionFwdBlockM query rows per CTA (4 warps x 16 rows, kAttentionThreads)
@@ -31,11 +30,11 @@ constexpr size_t attention_fwd_smem_bytes(int head_dim, int element_size) {
          element_size;
 }
 
-// The backward's: sK, sV, sQ, sdO [64][head_dim + 8]; sKt, sQt, sdOt [head_dim][kAttentionLdT];
-// sdS [64][kAttentionLdT]; lse and delta, 64 floats each.
+// The backward's (attention_bwd_kernel.cu, BwdSmem): sK, sV, sQ x 2, sdO [64][head_dim + 8];
+// sdS [64][64 + 8]; lse and delta [2][64] floats each; dropout bits [2][2][32][2] words.
 constexpr size_t attention_bwd_smem_bytes(int head_dim, int element_size) {
-  return static_cast<size_t>(4 * 64 * (head_dim + 8) + 3 * head_dim * kAttentionLdT + kAttentionBlockM * kAttentionLdT) *
-             element_size + 2 * kAttentionBlockM * sizeof(float);
+  return static_cast<size_t>(5 * 64 * (head_dim + 8) + kAttentionBlockN * (kAttentionBlockM + 8)) * element_size +
+         (2 * 2 * kAttentionBlockM + 2 * 2 * 32 * 2) * sizeof(float);
 }
 
 // Dropout on the attention probabilities, one Philox4x32-10 call (csrc/philox.cuh) per 16
@@ -96,8 +95,9 @@ struct AttentionFwdParams : AttentionProblem {
 struct AttentionBwdParams : AttentionProblem {
   const void* dout;               // [total, heads, head_dim], contiguous
   const float* lse;               // [heads, total], from the forward
-  const float* delta;             // [heads, total], rowsum(dout * out) in fp32
-  float* dq_accum;                // [total, heads, head_dim] fp32, zeroed by the caller
+  const float* delta;             // [heads, total], rowsum(dout * out) in fp32 (attention_bwd_delta)
+  float* dq_accum;                // [total + kAttentionBlockM, heads, head_dim] fp32, zeroed by the caller: the
+                                  // kernel adds (exact zeros) to the rows past a sequence's end unguarded
   void* dk;                       // [total, heads, head_dim], contiguous
   void* dv;                       // [total, heads, head_dim], contiguous
 };
@@ -112,7 +112,24 @@ struct AttentionDropoutMaskParams {
   cudaStream_t stream;
 };
 
+// The backward's preprocessing (attention_delta_kernel.cu): delta[h, t] = sum_d dout[t, h, d] *
+// out[t, h, d] in fp32, [heads, total_tokens]. dout and out: unit stride along head_dim, row and
+// head strides multiples of 8 elements, 16-byte aligned.
+constexpr int kAttentionDeltaThreads = 256;
+struct AttentionDeltaParams {
+  const void* dout;
+  const void* out;
+  int64_t dout_row_stride, dout_head_stride;  // in elements
+  int64_t out_row_stride, out_head_stride;
+  float* delta;                               // [heads, total_tokens]
+  int64_t total_tokens;
+  int heads, head_dim;                        // head_dim 32, 64 or 128
+  DType dtype;                                // kFloat16 or kBFloat16
+  cudaStream_t stream;
+};
+
 cudaError_t attention_fwd(const AttentionFwdParams& p);
+cudaError_t attention_bwd_delta(const AttentionDeltaParams& p);
 cudaError_t attention_bwd(const AttentionBwdParams& p);
 cudaError_t attention_dropout_mask(const AttentionDropoutMaskParams& p);
 

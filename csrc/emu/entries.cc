@@ -140,6 +140,22 @@ int emu_attention_bwd(const void* q, const void* k, const void* v, const int32_t
   return guarded([&] { return fastbert::attention_bwd(p); });
 }
 
+int emu_attention_bwd_delta(const void* dout, const void* out, const int64_t* strides, float* delta, int64_t total,
+                            int heads, int head_dim, int dtype) {
+  fastbert::AttentionDeltaParams p{};
+  p.dout = dout;
+  p.out = out;
+  p.dout_row_stride = strides[0], p.dout_head_stride = strides[1];
+  p.out_row_stride = strides[2], p.out_head_stride = strides[3];
+  p.delta = delta;
+  p.total_tokens = total;
+  p.heads = heads;
+  p.head_dim = head_dim;
+  p.dtype = static_cast<fastbert::DType>(dtype);
+  p.stream = nullptr;
+  return guarded([&] { return fastbert::attention_bwd_delta(p); });
+}
+
 int emu_attention_dropout_mask(const int32_t* cu, uint8_t* keep, int batch, int heads, int max_seqlen,
                                int dropout_enabled, uint32_t keep_threshold, float keep_scale, uint64_t seed,
                                uint32_t offset) {

@@ -119,7 +119,8 @@ __global__ void local_array_kernel(float* out, int n) {
 
 // which: 0 collectives (64 threads), 1 mma f16, 2 mma bf16, 3 deadlock, 4 different barriers,
 // 5 bad mask, 6 assert, 7 trap, 8 ldmatrix, 9 cp.async waited for, 10 cp.async read too early,
-// 11 a local array written out of bounds (ASan build only). Returns the cudaError_t.
+// 11 a local array written out of bounds (ASan build only), 12 case 9 with 100 KiB of dynamic shared
+// memory opted in (over sm_86/89/120's 99 KiB). Returns the cudaError_t.
 extern "C" int emu_selftest(int which, const void* a, const void* b, float* out) {
   emu_begin();
   switch (which) {
@@ -139,6 +140,12 @@ extern "C" int emu_selftest(int which, const void* a, const void* b, float* out)
       FASTBERT_LAUNCH(1, 64, 64 * 16, nullptr, cp_async_kernel)(static_cast<const float*>(a), out, which == 9);
       break;
     case 11: FASTBERT_LAUNCH(1, 32, 0, nullptr, local_array_kernel)(out, 8); break;
+    case 12: {
+      constexpr int kBytes = 100 * 1024;
+      if (cudaFuncSetAttribute(cp_async_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes) == cudaSuccess)
+        FASTBERT_LAUNCH(1, 64, kBytes, nullptr, cp_async_kernel)(static_cast<const float*>(a), out, 1);
+      break;
+    }
     default: break;
   }
   const int err = static_cast<int>(cudaGetLastError());

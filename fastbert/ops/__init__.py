@@ -9,7 +9,7 @@ from fastbert.ops.layernorm import layer_norm
 
 # Every op declared in csrc/bindings.cpp, as torch.ops.fastbert.<name>.
 OP_NAMES = ["gather_rows", "scatter_rows",
-            "attention_varlen_fwd", "attention_varlen_bwd", "attention_dropout_mask",  # attention
+            "attention_varlen_fwd", "attention_varlen_bwd", "attention_bwd_delta", "attention_dropout_mask",  # attention
             "layernorm_fwd", "layernorm_bwd",  # layernorm
             "cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_",  # cross_entropy
             "bias_gelu_fwd", "bias_gelu_bwd",  # bias_gelu

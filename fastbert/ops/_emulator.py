@@ -54,6 +54,7 @@ _SIGNATURES = {
                           _I32, _P, _P],
     "emu_attention_bwd": [_P, _P, _P, _P, _P, _I32, _I32, _I32, _I32, _I64, _F32, _I32, _U32, _F32, _U64, _U32,
                           _I32, _P, _P, _P, _P, _P, _P],
+    "emu_attention_bwd_delta": [_P, _P, _P, _P, _I64, _I32, _I32, _I32],
     "emu_attention_dropout_mask": [_P, _P, _I32, _I32, _I32, _I32, _U32, _F32, _U64, _U32],
     "emu_bias_gelu_bwd_num_partials": [_I64, _I64, _I32],
     "emu_bias_gelu_fwd": [_P, _P, _P, _I64, _I64, _I32, _I32],
@@ -366,13 +367,33 @@ def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale,
     q, k, v = _operand(q), _operand(k), _operand(v)
     dout = _operand(dout.to(q.dtype).contiguous())
     lse, cu = lse.contiguous(), cu_seqlens.contiguous()
-    delta = (dout.float() * out.float()).sum(-1).t().contiguous()
-    dq_accum = torch.zeros(q.shape)
+    delta = _attention_bwd_delta(dout, out.to(q.dtype), "attention_varlen_bwd")
+    dq_accum = torch.zeros((q.shape[0] + 64, *q.shape[1:]))  # attention.h: kAttentionBlockM rows past the end
     dk, dv = torch.empty(q.shape, dtype=q.dtype), torch.empty(q.shape, dtype=q.dtype)
     args, _keep = _problem(q, k, v, cu, max_seqlen, scale, dropout_p, seed, offset)
     _call("attention_varlen_bwd", "emu_attention_bwd", *args, _ptr(dout), _ptr(lse), _ptr(delta), _ptr(dq_accum),
           _ptr(dk), _ptr(dv))
-    return dq_accum.to(q.dtype), dk, dv
+    return dq_accum[:q.shape[0]].to(q.dtype), dk, dv
+
+
+def _attention_bwd_delta(dout, out, op):
+    dout, out = _operand(dout), _operand(out)
+    strides = torch.tensor([dout.stride(0), dout.stride(1), out.stride(0), out.stride(1)], dtype=torch.int64)
+    delta = torch.empty((dout.shape[1], dout.shape[0]))
+    _call(op, "emu_attention_bwd_delta", _ptr(dout), _ptr(out), _ptr(strides), _ptr(delta), dout.shape[0],
+          dout.shape[1], dout.shape[2], _DTYPES[dout.dtype])
+    return delta
+
+
+def attention_bwd_delta(dout, out):
+    _check_cpu("attention_bwd_delta", dout, out)
+    if dout.dim() != 3 or out.shape != dout.shape:
+        raise ValueError("attention_bwd_delta: dout and out must be one [total_tokens, heads, head_dim] shape")
+    if dout.dtype not in (torch.float16, torch.bfloat16) or out.dtype != dout.dtype:
+        raise TypeError(f"attention_bwd_delta: the kernel takes float16 or bfloat16 of one dtype, got {dout.dtype}")
+    if dout.shape[2] not in (32, 64, 128):
+        raise ValueError(f"attention_bwd_delta: head_dim must be 32, 64 or 128, got {dout.shape[2]}")
+    return _attention_bwd_delta(dout, out, "attention_bwd_delta")
 
 
 def attention_dropout_mask(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):

@@ -264,6 +264,12 @@ def attention_varlen_bwd_twin(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, s
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
 
+def attention_bwd_delta_twin(dout, out):
+    """CPU kernel of fastbert::attention_bwd_delta: rowsum(dout * out) over head_dim, computed and
+    returned in fp32 (the op's contract), [heads, total_tokens]."""
+    return (dout.float() * out.float()).sum(-1).t().contiguous()
+
+
 def attention_dropout_mask_twin(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):
     return dropout_keep_mask(cu_seqlens.cpu(), heads, max_seqlen, dropout_p, seed, offset).to(cu_seqlens.device)
 
@@ -285,6 +291,14 @@ if _backend.has_op("attention_varlen_fwd"):
     @torch.library.register_fake("fastbert::attention_varlen_bwd")
     def _attention_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dropout_p, seed, offset):
         return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+    if _backend.has_op("attention_bwd_delta"):  # an extension built before the op lacks it
+        torch.library.register_kernel("fastbert::attention_bwd_delta", "cpu",
+                                      _backend.cpu_kernel("attention_bwd_delta", attention_bwd_delta_twin))
+
+        @torch.library.register_fake("fastbert::attention_bwd_delta")
+        def _attention_bwd_delta_fake(dout, out):
+            return dout.new_empty((dout.shape[1], dout.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake("fastbert::attention_dropout_mask")
     def _attention_dropout_mask_fake(cu_seqlens, heads, max_seqlen, dropout_p, seed, offset):
@@ -363,7 +377,7 @@ def kernel_unsupported(q):
 def smem_problem(head_dim: int, element_size: int, device, backward: bool):
     """Why the CUDA device cannot give the kernel for head_dim the shared memory its launcher asks
     for (a reason), or None. The size comes from the launcher's own formula, through the extension
-    (csrc/attention/attention.h); head_dim 128's backward needs more than sm_86/89/120's 99 KiB."""
+    (csrc/attention/attention.h); every head_dim fits sm_80's 163 KiB and sm_86/89/120's 99 KiB."""
     device = torch.device(device)
     if device.type != "cuda" or not _backend.has_op("attention_smem_bytes"):
         return None  # no GPU to ask, or an extension from before the op (the launch reports it)
