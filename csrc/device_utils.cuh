@@ -102,8 +102,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 }
 
 // cp.async.cg.shared.global of 16 bytes, then commit_group / wait_group<N>: the copy lands in
-// shared memory only by the wait (the emulator performs it there, so reading before the wait
-// sees the NaN poison).
+// shared memory at some time before the wait returns (the emulator lands it at the wait in the
+// forward and reverse orders, so reading before the wait sees the NaN poison, and at the issue in
+// the warp order, so a buffer still read by another warp is overwritten).
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
 #if defined(FASTBERT_EMULATE)
   ::emu::cp_async(smem, gmem, 16, __FILE__, __LINE__);

@@ -4,9 +4,10 @@ counted statically from their SASS (issue 11: the measurement the attention rewr
     python scripts/sass_report.py [--archs 80,90] [--head-dims 32,64,128] [--kinds fwd,bwd] [--json out.json]
 
 Where the kernels come from:
-- ours: the sm_XX cubin of csrc/attention/attention_{fwd,bwd}_kernel.cu inside fastbert/_C*.so when the
-  extension holds that architecture (`cuobjdump -xelf`), else a fresh `nvcc -cubin -lineinfo` of
-  the same source with setup.py's flags (so sm_80 needs no sm_80 build of the extension);
+- ours: a fresh `nvcc -cubin -lineinfo` of csrc/attention/attention_{fwd,bwd}_kernel.cu with
+  setup.py's flags, so the numbers are those of the source in this tree (the commit the JSON
+  records); a fastbert/_C*.so may be older than the source (a copy, or a build before the last
+  edit) and is read (`cuobjdump -xelf`) only when no nvcc is found, which `sources` says;
 - FlashAttention-2: torch/lib/libtorch_cuda.so (`cuobjdump -lelf`/`-xelf` extract the sm_80 and
   sm_90 cubins, one minute and 1.5 GB in a temporary folder; the few holding the kernels below
   are kept in build/sass/<torch version>/). The instantiation is the one torch's launchers pick on
@@ -438,14 +439,24 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
 
 
+def find_nvcc():
+    return next((c for c in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+                             shutil.which("nvcc")) if c and os.path.isfile(c)), None)
+
+
 def ours_cubin(arch, kind, cuobjdump, work):
-    """The attention_<kind>_kernel cubin for sm_<arch>: from fastbert/_C*.so if it holds one, else nvcc."""
+    """The attention_<kind>_kernel cubin for sm_<arch>: compiled now from the source by nvcc; without
+    nvcc, the one in fastbert/_C*.so (which may predate the source: said so in the returned source)."""
+    nvcc = find_nvcc()
+    if nvcc is not None:
+        out = os.path.join(work, f"attention_{kind}_sm{arch}.cubin")
+        # setup.py's nvcc flags for the kernels
+        run([nvcc, "-std=c++17", f"-arch=sm_{arch}", "-cubin", "-O3", "-lineinfo", "--expt-relaxed-constexpr",
+             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", f"-I{os.path.join(ROOT, 'csrc')}", "-o", out,
+             os.path.join(ROOT, "csrc", "attention", f"attention_{kind}_kernel.cu")])
+        return out, f"nvcc -arch=sm_{arch} -O3 -lineinfo (fresh compile)"
     sos = sorted(glob.glob(os.path.join(ROOT, "fastbert", "_C*.so")))
-    sources = [os.path.join(ROOT, "csrc", f) for f in ("common.h", "device_utils.cuh", "philox.cuh")]
-    sources += glob.glob(os.path.join(ROOT, "csrc", "attention", "*"))
-    newest = max(os.path.getmtime(f) for f in sources if os.path.exists(f))
-    if sos and os.path.getmtime(sos[0]) < newest:
-        sos = []  # the extension predates the kernel sources: compile them
     if sos:
         listing = run([cuobjdump, "-lelf", sos[0]])
         names = [ln.split(":")[-1].strip() for ln in listing.splitlines() if f"attention_{kind}_kernel." in ln]
@@ -454,18 +465,10 @@ def ours_cubin(arch, kind, cuobjdump, work):
             d = os.path.join(work, f"so_{arch}_{kind}")
             os.makedirs(d, exist_ok=True)
             run([cuobjdump, "-xelf", match[0], sos[0]], cwd=d)
-            return os.path.join(d, match[0]), f"{os.path.relpath(sos[0], ROOT)}"
-    nvcc = next((c for c in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
-                             shutil.which("nvcc")) if c and os.path.isfile(c)), None)
-    if nvcc is None:
-        raise CountError(f"fastbert/_C*.so holds no sm_{arch} attention code and no nvcc is found")
-    out = os.path.join(work, f"attention_{kind}_sm{arch}.cubin")
-    # setup.py's nvcc flags for the kernels
-    run([nvcc, "-std=c++17", f"-arch=sm_{arch}", "-cubin", "-O3", "-lineinfo", "--expt-relaxed-constexpr",
-         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
-         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", f"-I{os.path.join(ROOT, 'csrc')}", "-o", out,
-         os.path.join(ROOT, "csrc", "attention", f"attention_{kind}_kernel.cu")])
-    return out, f"nvcc -arch=sm_{arch} -O3 -lineinfo (fresh compile)"
+            print(f"sass_report: no nvcc, so ours_{kind} sm_{arch} is read from {os.path.relpath(sos[0], ROOT)}, "
+                  "which may be older than the source", file=sys.stderr)
+            return os.path.join(d, match[0]), f"{os.path.relpath(sos[0], ROOT)} (no nvcc; may predate the source)"
+    raise CountError(f"no nvcc is found and fastbert/_C*.so holds no sm_{arch} attention_{kind}_kernel")
 
 
 def fa2_cubins(archs, cuobjdump, cache_dir):

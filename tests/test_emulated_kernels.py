@@ -265,6 +265,29 @@ def test_attention_forward_many_key_tiles(seed, order, dim, scale_sign):
 
 
 @orders
+@pytest.mark.parametrize("dim", [64, 128])
+def test_attention_forward_masked_keys_count_nowhere_even_at_extreme_scores(seed, order, dim):
+    """The partial key tile's masked keys (zero-filled rows: a raw score of 0) must enter neither the
+    max nor the sum of any row, for both rows a thread owns (g and g + 8), even where a masked score
+    would matter: every real score far below 0 (scale 1: a 0 in the running max underflows every
+    exp, so the row sums to 0) and scale 0 (masked score -inf times 0 is NaN)."""
+    lengths = [300, 45, 1]
+    total = sum(lengths)
+    cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int32)
+    u = torch.randn(dim)
+    k = (u + 0.1 * torch.randn(total, 1, dim)).half()
+    q = (-3 * u + 0.3 * torch.randn(total, 1, dim)).half()  # q.k about -3 dim: -200 .. -400
+    v = torch.randn(total, 1, dim, dtype=torch.float16)
+    for scale in (1.0, 0.0):
+        with emulated(order, seed), poisoned_outputs():
+            out, lse = torch.ops.fastbert.attention_varlen_fwd(q, k, v, cu, max(lengths), scale, 0.0, 0, 0)
+        same = A.varlen_reference(q, k, v, cu, scale)
+        ref = A.varlen_reference(q.double(), k.double(), v.double(), cu, scale)
+        assert_ok([compare("out", f"d={dim} scale={scale}", torch.float16, out, same[0], ref[0]),
+                   compare("lse", f"d={dim} scale={scale}", torch.float32, lse, same[1], ref[1])])
+
+
+@orders
 def test_attention_dropout_mask_matches_host_twin(seed, order):
     cu = torch.tensor([0, 1, 8, 8, 105, 233], dtype=torch.int32)
     with emulated(order, seed):

@@ -170,3 +170,39 @@ def test_our_forward_tile_and_shared_memory_follow_attention_h():
     for d in (32, 64, 128):  # the backward: <T, d, dropout>, one layout for both
         for flag in ("false", "true"):
             assert table[f"attention_bwd_kernel<__nv_bfloat16, {d}, {flag}>"].dynamic_smem == S.ours_smem("bwd", d)
+
+
+def _fake_tools(monkeypatch, nvcc):
+    """sass_report's tools replaced: `run` records each command (cuobjdump -lelf lists an sm_90
+    forward cubin in the extension), find_nvcc gives `nvcc`, and an extension exists."""
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        return "ELF file    3: attention_fwd_kernel.sm_90.cubin\n" if "-lelf" in cmd else ""
+
+    monkeypatch.setattr(S, "run", run)
+    monkeypatch.setattr(S, "find_nvcc", lambda: nvcc)
+    real_glob = S.glob.glob
+    monkeypatch.setattr(S.glob, "glob", lambda pattern: [str(ROOT / "fastbert" / "_C.so")]
+                        if pattern.endswith("_C*.so") else real_glob(pattern))
+    return calls
+
+
+def test_ours_is_compiled_from_the_source_even_when_the_extension_holds_the_arch(monkeypatch, tmp_path):
+    """A fastbert/_C*.so may be older than csrc/ (a copied or earlier build): with nvcc at hand the
+    report measures a fresh compile of the source, never the extension's cubin."""
+    calls = _fake_tools(monkeypatch, "/opt/cuda/bin/nvcc")
+    path, source = S.ours_cubin(90, "fwd", "cuobjdump", str(tmp_path))
+    assert [c[0] for c in calls] == ["/opt/cuda/bin/nvcc"], calls
+    assert "-arch=sm_90" in calls[0] and calls[0][-1].endswith("csrc/attention/attention_fwd_kernel.cu")
+    assert path == calls[0][calls[0].index("-o") + 1] and "fresh compile" in source
+
+
+def test_without_nvcc_the_extension_is_read_and_said_to_maybe_predate_the_source(monkeypatch, tmp_path):
+    calls = _fake_tools(monkeypatch, None)
+    path, source = S.ours_cubin(90, "fwd", "cuobjdump", str(tmp_path))
+    assert [c[1] for c in calls] == ["-lelf", "-xelf"] and path.endswith("attention_fwd_kernel.sm_90.cubin")
+    assert "may predate the source" in source
+    with pytest.raises(S.CountError, match="no nvcc"):
+        S.ours_cubin(80, "fwd", "cuobjdump", str(tmp_path))

@@ -564,6 +564,14 @@ void cp_async(void* smem, const void* gmem, int bytes, const char* file, int lin
   if (reinterpret_cast<uintptr_t>(smem) % bytes != 0 || reinterpret_cast<uintptr_t>(gmem) % bytes != 0)
     fail_here(cudaErrorLaunchFailure, format("%s:%d: cp.async of %d bytes from %p to %p: both must be aligned to "
                                              "its size", file, line, bytes, gmem, smem));
+  // A copy may land any time from its issue to the wait_group that covers it. The forward and
+  // reverse orders take the latest (a read before the wait sees the poison), the warp order the
+  // earliest (a warp running ahead to the next barrier overwrites a buffer another warp still
+  // reads, if the barrier between those reads and the new copies is missing), random either, per copy.
+  if (g_order == kWarpOrder || (g_order == kRandom && (next_random() & 1u))) {
+    std::memcpy(smem, gmem, bytes);
+    return;
+  }
   g_fibers[g_thread->linear].uncommitted.push_back({smem, gmem, bytes});
 }
 
