@@ -38,6 +38,17 @@ from fastbert.ops.gather import Packing
 # linear layers' work on padding: measured on a MiniLM-L6-sized model (batch 32 x 128, 1 thread,
 # CPU time, 2026-12-01) it was ~10% slower at 0-5% padding and 12-25% faster from 10% on.
 CPU_PADDING_FREE_FROM = 0.1
+# Inference on the CPU (no gradient) pays only a gather of the ids and a scatter of what is
+# returned, and its attention runs per sequence without a mask (ops.attention.varlen_fast):
+# THRESHOLD-PLACEHOLDER
+CPU_INFERENCE_PADDING_FREE_FROM = 0.05
+
+
+
+def padding_fraction(attention_mask):
+    """The share of attention_mask's positions that are padding (0), a Python float."""
+    return 1.0 - float(torch.count_nonzero(attention_mask)) / attention_mask.numel()
+
 
 # ----------------------------------------------------------------------------- outputs
 
@@ -449,7 +460,7 @@ class BertModel(BertPreTrainedModel):
         given_mask = attention_mask
         input_ids, attention_mask, token_type_ids, position_ids = self._prepare_inputs(
             input_ids, attention_mask, token_type_ids, position_ids)
-        if not self.use_padding_free(input_ids):
+        if not self.use_padding_free(input_ids, given_mask):
             attn = PaddedMask(attention_mask)
             if given_mask is not None and self.attention_kernel_runs(input_ids):  # one Packing for every layer
                 attn.packing = self._packing(input_ids, given_mask, attention_mask, packing)
@@ -464,11 +475,19 @@ class BertModel(BertPreTrainedModel):
         pooled = self.pooler(packing.first_rows(hidden)[:, None]) if self.pooler is not None else None
         return hidden, pooled, all_hidden, packing
 
-    def use_padding_free(self, input_ids):
-        """model.padding_free if set; by default (None) whenever the CUDA attention kernel would run."""
+    def use_padding_free(self, input_ids, attention_mask=None):
+        """model.padding_free if set; by default (None) whenever the CUDA attention kernel would run,
+        and for inference on the CPU (no gradient: torch.no_grad / inference_mode) when at least
+        CPU_INFERENCE_PADDING_FREE_FROM of attention_mask is padding."""
         if self.padding_free is not None:
             return bool(self.padding_free)
-        return input_ids.is_cuda and self.attention_kernel_runs(input_ids)
+        if input_ids.is_cuda:
+            return self.attention_kernel_runs(input_ids)
+        if torch.is_grad_enabled() or attention_mask is None or not attention_mask.numel():
+            return False
+        if input_ids.device.type != "cpu" or attention_mask.device.type != "cpu":
+            return False
+        return padding_fraction(attention_mask) >= CPU_INFERENCE_PADDING_FREE_FROM
 
     def attention_kernel_runs(self, input_ids):
         """Whether the attention kernel (on CPU tensors: the emulated one) would run in this model's layers:
@@ -608,7 +627,7 @@ class BertForPreTraining(BertPreTrainedModel):
             return False
         if input_ids.device.type != "cpu" or attention_mask.device.type != "cpu":
             return False
-        return 1.0 - float(torch.count_nonzero(attention_mask)) / attention_mask.numel() >= CPU_PADDING_FREE_FROM
+        return padding_fraction(attention_mask) >= CPU_PADDING_FREE_FROM
 
     def _packed_rows(self, masked_positions, attention_mask):
         """Flat positions in batch*seq -> rows of the packed tensor: the count of real tokens before

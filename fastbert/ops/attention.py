@@ -71,6 +71,8 @@ def attention_twin(q, k, v, attention_mask=None, dropout_p=0.0, scale=None, trai
 def attention_fast(q, k, v, attention_mask=None, dropout_p=0.0, scale=None, training=False):
     """The twin's result for q, k, v [batch, seq, heads, head_dim] and a [batch, seq] key mask."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if attention_mask is not None and q.device.type == "cpu" and bool(attention_mask.all()):
+        attention_mask = None  # no padding: SDPA without a mask is faster (on the CPU the check is free)
     bias = None if attention_mask is None else additive_mask(attention_mask, q.dtype)  # [batch, 1, 1, seq]
     if not (training and dropout_p > 0.0):
         if bias is not None:
@@ -79,8 +81,9 @@ def attention_fast(q, k, v, attention_mask=None, dropout_p=0.0, scale=None, trai
             # the mask has drowned too, and would give them ~seq times too large; zero q and the
             # mask there instead: the same uniform forward, and the gradient of a constant.
             empty = (attention_mask == 0).all(dim=1)[:, None, None, None]
-            bias = bias.masked_fill(empty, 0.0)
-            q = q.masked_fill(empty, 0.0)
+            if q.device.type != "cpu" or bool(empty.any()):  # on the CPU the check is free; spares a copy of q
+                bias = bias.masked_fill(empty, 0.0)
+                q = q.masked_fill(empty, 0.0)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, seq, head_dim]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).transpose(1, 2)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -96,13 +99,18 @@ def attention_fast(q, k, v, attention_mask=None, dropout_p=0.0, scale=None, trai
 
 
 def varlen_fast(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, training=False):
-    """varlen attention without a Python loop over sequences and without the lse: the packed
-    q, k, v are scattered into a [batch, max_seqlen] batch, attended with attention_fast and
-    gathered back (differentiable; rows of an empty sequence do not exist)."""
+    """varlen attention without the lse (rows of an empty sequence do not exist). For inference on
+    the CPU (no dropout, no gradient): one unmasked SDPA call per sequence on views of the packed
+    q, k, v, written into the output (`_varlen_per_sequence`). Else, differentiable and without a
+    Python loop: the packed q, k, v are scattered into a [batch, max_seqlen] batch, attended with
+    attention_fast and gathered back."""
     total, heads, dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     if total == 0 or batch == 0:
         return q.new_zeros(q.shape)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type == "cpu" and not grad and not (training and dropout_p > 0.0):
+        return _varlen_per_sequence(q, k, v, cu_seqlens, scale)
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
     seq_of_token = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths, output_size=total)
@@ -115,6 +123,20 @@ def varlen_fast(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, training=
 
     out = attention_fast(pad(q), pad(k), pad(v), mask, dropout_p, scale, training)
     return out.reshape(batch * max_seqlen, heads, dim).index_select(0, slot)
+
+
+def _varlen_per_sequence(q, k, v, cu_seqlens, scale):
+    """Inference on the CPU: each sequence's [heads, len, head_dim] views through SDPA's fused CPU
+    kernel, no mask, no copy of q, k, v. Measured against scattering into a padded batch (MiniLM
+    shapes, batch 32 and 128 of 8-64 tokens, 1 thread, 2026-12-01): 2-3x faster, as fast as padded
+    SDPA on the already padded batch; the Python loop costs ~20 us a sequence."""
+    out = q.new_empty(q.shape)
+    bounds = cu_seqlens.tolist()  # a CPU tensor: no sync
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [heads, len, head_dim]
+            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1)
+    return out
 
 
 # ----------------------------------------------------------------------------- dropout mask twin
