@@ -44,15 +44,15 @@ from fastbert.ops.gather import Packing
 # CPU time, 2026-12-01) it was ~10% slower at 0-5% padding and 12-25% faster from 10% on.
 CPU_PADDING_FREE_FROM = 0.1
 # Inference on the CPU (no gradient) pays only a gather of the ids and a scatter of what is
-# returned, and its attention runs per sequence without a mask (ops.attention.varlen_fast).
-# Measured against the padded path (MiniLM-L6 batch 32 of up to 64 tokens and BERT-base batch 8 of
-# up to 128, eval, inference_mode, 1 thread, CPU time, medians of 14 interleaved rounds, busy
-# 2-core machine, 2026-12-01): padding-free / padded 0.93-1.01 at 0-0.7% padding, 1.07 at 1.5%
-# (the machine's noise is about +-7%), 0.98 at 2.0%, 0.93 at 2.8%, 0.86-0.88 at 4.5%, 0.78-0.83 at
-# 6-8%. From 2% on it was never slower; below, the padded path keeps transformers' values at
-# padding positions at no measurable cost.
+# returned, and its attention runs per sequence without a mask (one thread) or on a padded copy
+# (more; ops.attention.varlen_fast). Measured against the padded path (MiniLM-L6 batch 32 of up to
+# 64 tokens and BERT-base batch 8 of up to 128, eval, inference_mode, 1 thread, CPU time, medians
+# of 14 interleaved rounds, busy 2-core machine, 2026-12-01; the noise is about +-7%), padding-free
+# / padded: per sequence 0.93-1.01 at 0-0.7% padding, 1.07 at 1.5%, 0.98 at 2.0%, 0.93 at 2.8%,
+# 0.86-0.88 at 4.5%, 0.78-0.83 at 6-8%; on a padded copy 0.97-0.99 at 0%, 0.97 at 1.5%, 0.98-1.02
+# at 2-3%, 0.92-0.98 at 4.5-10%. From 2% on neither was measurably slower; below, the padded path
+# keeps transformers' values at padding positions at no measurable cost.
 CPU_INFERENCE_PADDING_FREE_FROM = 0.02
-
 
 
 def padding_fraction(attention_mask):
