@@ -15,8 +15,8 @@ kernels on, float16/bfloat16 q/k/v, autocast included, head_dim 32/64/128); on t
 BertForPreTraining with labels (no hidden_states asked for: nothing at a padding position is
 returned) when at least 10% of the batch is padding (CPU_PADDING_FREE_FROM, where it was
 measured faster); and on the CPU for inference (no gradient: torch.no_grad, torch.inference_mode)
-when at least CPU_INFERENCE_PADDING_FREE_FROM of the batch is padding. True forces it, False
-keeps the padded path.
+when at least CPU_INFERENCE_PADDING_FREE_FROM of the batch is padding and every sequence starts
+with a token (so pooler_output is transformers'). True forces it, False keeps the padded path.
 
 Where the padding-free path differs from the padded one and from transformers (only at positions
 no real token reads): last_hidden_state, hidden_states and full prediction_logits are zeros at
@@ -488,7 +488,8 @@ class BertModel(BertPreTrainedModel):
     def use_padding_free(self, input_ids, attention_mask=None):
         """model.padding_free if set; by default (None) whenever the CUDA attention kernel would run,
         and for inference on the CPU (no gradient: torch.no_grad / inference_mode) when at least
-        CPU_INFERENCE_PADDING_FREE_FROM of attention_mask is padding."""
+        CPU_INFERENCE_PADDING_FREE_FROM of attention_mask is padding and every sequence's first
+        position is a token (the pooler reads position 0; left padding and empty sequences stay padded)."""
         if self.padding_free is not None:
             return bool(self.padding_free)
         if input_ids.is_cuda:
@@ -496,6 +497,8 @@ class BertModel(BertPreTrainedModel):
         if torch.is_grad_enabled() or attention_mask is None or not attention_mask.numel():
             return False
         if input_ids.device.type != "cpu" or attention_mask.device.type != "cpu":
+            return False
+        if not bool(attention_mask[:, 0].all()):  # the pooler reads position 0: keep transformers' value there
             return False
         return padding_fraction(attention_mask) >= CPU_INFERENCE_PADDING_FREE_FROM
 

@@ -113,7 +113,9 @@ def test_cpu_inference_is_padding_free_and_equals_padded_and_transformers(seed, 
 
 def test_cpu_padded_where_a_gradient_is_needed_or_padding_is_below_the_threshold(seed, monkeypatch):
     """The CPU default stays padded, with transformers' values at padding positions, when autograd
-    records (training a model on BertModel's outputs) or padding is under the measured threshold."""
+    records (training a model on BertModel's outputs), padding is under the measured threshold, or
+    a sequence does not start with a token (left padding, an empty sequence: the pooler reads
+    position 0)."""
     from fastbert.model import CPU_INFERENCE_PADDING_FREE_FROM, padding_fraction
     config = random_config()
     model = BertModel(config).eval()
@@ -134,6 +136,18 @@ def test_cpu_padded_where_a_gradient_is_needed_or_padding_is_below_the_threshold
         hf = theirs(input_ids=ids, attention_mask=mask, token_type_ids=tt)
         model(ids, None, tt)  # no mask: no padding
     torch.testing.assert_close(out.last_hidden_state, hf.last_hidden_state, **TOL)
+    assert not calls
+    # left padding or an empty sequence: transformers' pooler reads position 0, a padding position
+    ids, mask, tt, _, _ = make_batch(config, [13, 1, 29, 7])
+    left = (ids.flip(1), mask.flip(1), tt.flip(1))
+    empty = (ids, mask.clone().index_fill_(0, torch.tensor([1]), 0), tt)
+    eager = _hf_bert_model(model, "eager")  # transformers' sdpa differs from its eager on an empty sequence
+    for ids, mask, tt in (left, empty):
+        with torch.inference_mode():
+            out = model(ids, mask, tt)
+            hf = eager(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+        torch.testing.assert_close(out.pooler_output, hf.pooler_output, **TOL)
+        torch.testing.assert_close(out.last_hidden_state, hf.last_hidden_state, **TOL)
     assert not calls
 
 
