@@ -11,18 +11,23 @@ attention takes the [batch, seq] mask. Padding-free: the real tokens' ids are ga
 back (last_hidden_state, hidden_states, full prediction_logits). The MLM head then runs on the
 labelled rows only and NSP on each sequence's first real token. `model.padding_free`: None
 (default) takes the padding-free path when the CUDA attention kernel would run (inputs on CUDA,
-kernels on, float16/bfloat16 q/k/v, autocast included, head_dim 32/64/128), and on the CPU for
+kernels on, float16/bfloat16 q/k/v, autocast included, head_dim 32/64/128); on the CPU for
 BertForPreTraining with labels (no hidden_states asked for: nothing at a padding position is
 returned) when at least 10% of the batch is padding (CPU_PADDING_FREE_FROM, where it was
-measured faster); True forces it, False keeps the padded path.
+measured faster); and on the CPU for inference (no gradient: torch.no_grad, torch.inference_mode)
+when at least CPU_INFERENCE_PADDING_FREE_FROM of the batch is padding and every sequence starts
+with a token (so pooler_output is transformers'). True forces it, False keeps the padded path.
 
-Where the padding-free path differs from the padded one (only at positions no loss reads): the
-padded outputs are zeros at padding positions; the pooler/NSP input of a sequence with no real
-token (attention_mask all 0) is a zero vector (pooler_output = tanh(pooler.dense.bias)). A label
-on a padding position, which transformers counts in the loss, has no row here: with
-`padding_free` None such a batch takes the padded path (equal to transformers) wherever that is
-seen without a device sync (CPU tensors, or check_inputs on); `padding_free=True` refuses it
-(ValueError, check_inputs on); unseen (CUDA, check_inputs off) it is left out of the MLM loss.
+Where the padding-free path differs from the padded one and from transformers (only at positions
+no real token reads): last_hidden_state, hidden_states and full prediction_logits are zeros at
+padding positions (transformers computes values there: each padding position attends to its
+sequence's real tokens; `model.padding_free = False` gives them); the pooler/NSP input of a
+sequence with no real token (attention_mask all 0) is a zero vector (pooler_output =
+tanh(pooler.dense.bias)). A label on a padding position, which transformers counts in the loss,
+has no row here: with `padding_free` None such a batch takes the padded path (equal to
+transformers) wherever that is seen without a device sync (CPU tensors, or check_inputs on);
+`padding_free=True` refuses it (ValueError, check_inputs on); unseen (CUDA, check_inputs off) it
+is left out of the MLM loss.
 """
 import math
 from dataclasses import dataclass, fields
@@ -41,6 +46,22 @@ from fastbert.ops.gather import Packing
 # linear layers' work on padding: measured on a MiniLM-L6-sized model (batch 32 x 128, 1 thread,
 # CPU time, 2026-12-01) it was ~10% slower at 0-5% padding and 12-25% faster from 10% on.
 CPU_PADDING_FREE_FROM = 0.1
+# Inference on the CPU (no gradient) pays only a gather of the ids and a scatter of what is
+# returned, and its attention runs per sequence without a mask (one thread) or on a padded copy
+# (more; ops.attention.varlen_fast). Measured against the padded path (MiniLM-L6 batch 32 of up to
+# 64 tokens and BERT-base batch 8 of up to 128, eval, inference_mode, 1 thread, CPU time, medians
+# of 14 interleaved rounds, busy 2-core machine, 2026-12-01; the noise is about +-7%), padding-free
+# / padded: per sequence 0.93-1.01 at 0-0.7% padding, 1.07 at 1.5%, 0.98 at 2.0%, 0.93 at 2.8%,
+# 0.86-0.88 at 4.5%, 0.78-0.83 at 6-8%; on a padded copy 0.97-0.99 at 0%, 0.97 at 1.5%, 0.98-1.02
+# at 2-3%, 0.92-0.98 at 4.5-10%. From 2% on neither was measurably slower; below, the padded path
+# keeps transformers' values at padding positions at no measurable cost.
+CPU_INFERENCE_PADDING_FREE_FROM = 0.02
+
+
+def padding_fraction(attention_mask):
+    """The share of attention_mask's positions that are padding (0), a Python float."""
+    return 1.0 - float(torch.count_nonzero(attention_mask)) / attention_mask.numel()
+
 
 # ----------------------------------------------------------------------------- outputs
 
@@ -452,7 +473,7 @@ class BertModel(BertPreTrainedModel):
         given_mask = attention_mask
         input_ids, attention_mask, token_type_ids, position_ids = self._prepare_inputs(
             input_ids, attention_mask, token_type_ids, position_ids)
-        if not self.use_padding_free(input_ids):
+        if not self.use_padding_free(input_ids, given_mask):
             attn = PaddedMask(attention_mask)
             if given_mask is not None and self.attention_kernel_runs(input_ids):  # one Packing for every layer
                 attn.packing = self._packing(input_ids, given_mask, attention_mask, packing)
@@ -467,11 +488,22 @@ class BertModel(BertPreTrainedModel):
         pooled = self.pooler(packing.first_rows(hidden)[:, None]) if self.pooler is not None else None
         return hidden, pooled, all_hidden, packing
 
-    def use_padding_free(self, input_ids):
-        """model.padding_free if set; by default (None) whenever the CUDA attention kernel would run."""
+    def use_padding_free(self, input_ids, attention_mask=None):
+        """model.padding_free if set; by default (None) whenever the CUDA attention kernel would run,
+        and for inference on the CPU (no gradient: torch.no_grad / inference_mode) when at least
+        CPU_INFERENCE_PADDING_FREE_FROM of attention_mask is padding and every sequence's first
+        position is a token (the pooler reads position 0; left padding and empty sequences stay padded)."""
         if self.padding_free is not None:
             return bool(self.padding_free)
-        return input_ids.is_cuda and self.attention_kernel_runs(input_ids)
+        if input_ids.is_cuda:
+            return self.attention_kernel_runs(input_ids)
+        if torch.is_grad_enabled() or attention_mask is None or not attention_mask.numel():
+            return False
+        if input_ids.device.type != "cpu" or attention_mask.device.type != "cpu":
+            return False
+        if not bool(attention_mask[:, 0].all()):  # the pooler reads position 0: keep transformers' value there
+            return False
+        return padding_fraction(attention_mask) >= CPU_INFERENCE_PADDING_FREE_FROM
 
     def attention_kernel_runs(self, input_ids):
         """Whether the attention kernel (on CPU tensors: the emulated one) would run in this model's layers:
@@ -628,7 +660,7 @@ class BertForPreTraining(BertPreTrainedModel):
             return False
         if input_ids.device.type != "cpu" or attention_mask.device.type != "cpu":
             return False
-        return 1.0 - float(torch.count_nonzero(attention_mask)) / attention_mask.numel() >= CPU_PADDING_FREE_FROM
+        return padding_fraction(attention_mask) >= CPU_PADDING_FREE_FROM
 
     def _labels_on_padding(self, input_ids, attention_mask, masked_positions):
         """Whether the padding-free path would run and a labelled position is padding, where that can be

@@ -440,3 +440,36 @@ def test_cpu_varlen_fast_equals_reference(seed, lengths):
                              for _ in range(400)])
     assert not torch.equal(draws[0], draws[1])
     torch.testing.assert_close(draws.mean(0), ref.detach(), atol=0.25, rtol=0)
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's intra-op thread count for the test, and restores it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("lengths", [[5, 0, 11, 1], [1], [0, 0, 3], [9, 2, 2, 17]])
+def test_cpu_varlen_inference_equals_reference(seed, lengths, monkeypatch, threads):
+    """Without a gradient or dropout on the CPU, varlen attention runs, with one thread, one
+    unmasked SDPA call per non-empty sequence (no copy into a padded batch), with more, one masked
+    call on a padded copy; both give the reference's output."""
+    q, k, v, cu, max_len = packed(lengths, heads=3, dim=16)
+    ref = A.varlen_reference(q, k, v, cu, 0.25)[0]
+    calls = []
+    sdpa = A.F.scaled_dot_product_attention
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw))
+    for n_threads, want in ((1, [None] * sum(1 for n in lengths if n)), (2, ["mask"])):
+        threads(n_threads)
+        for context in (torch.no_grad, torch.inference_mode):
+            calls.clear()
+            with context():
+                out = A.attention_varlen(q, k, v, cu, max_len, scale=0.25)
+            torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+            assert [None if kw.get("attn_mask") is None else "mask" for kw in calls] == want
+    # with a gradient to compute: the differentiable route (attention_fast on a padded copy)
+    calls.clear()
+    out = A.attention_varlen(q.requires_grad_(True), k, v, cu, max_len, scale=0.25)
+    assert len(calls) == 1 and out.requires_grad
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)

@@ -59,6 +59,98 @@ def test_cpu_default_is_padding_free_for_pretraining_with_labels_and_padding(see
     assert not calls
 
 
+def _hf_bert_model(ours, attn="sdpa"):
+    transformers = pytest.importorskip("transformers")
+    d = {k: v for k, v in ours.config.to_dict().items() if k != "model_type"}
+    hf_config = transformers.BertConfig(**d)
+    hf_config._attn_implementation = attn
+    theirs = transformers.BertModel(hf_config).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    return theirs
+
+
+def _count_varlen(monkeypatch):
+    from fastbert import ops
+    calls = []
+    varlen = ops.attention_varlen
+    monkeypatch.setattr(ops, "attention_varlen", lambda *a, **k: calls.append(1) or varlen(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("lengths, seq", [([13, 1, 29, 7], None), ([1, 6], None), ([5], 9), ([3, 12, 1, 8, 11], 15)])
+def test_cpu_inference_is_padding_free_and_equals_padded_and_transformers(seed, monkeypatch, lengths, seq):
+    """On the CPU without a gradient, BertModel takes the padding-free path from
+    CPU_INFERENCE_PADDING_FREE_FROM padding on (odd lengths, a row of length 1, batch 1): real
+    positions, the pooler and every hidden state equal the padded path's and transformers', and the
+    padding positions are zeros (transformers computes values there; model.padding_free = False
+    gives them)."""
+    config = random_config()
+    model = BertModel(config).eval()
+    theirs = _hf_bert_model(model)
+    ids, mask, tt, _, _ = make_batch(config, lengths, seq)
+    real = mask.bool()
+    calls = _count_varlen(monkeypatch)
+    for context in (torch.inference_mode, torch.no_grad):
+        calls.clear()
+        with context():
+            model.padding_free = None
+            free = model(ids, mask, tt, output_hidden_states=True)
+            assert len(calls) == config.num_hidden_layers
+            model.padding_free = False
+            padded = model(ids, mask, tt, output_hidden_states=True)
+            hf = theirs(input_ids=ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True)
+        assert free.last_hidden_state.shape == hf.last_hidden_state.shape
+        for ref in (padded, hf):
+            torch.testing.assert_close(free.last_hidden_state[real], ref.last_hidden_state[real], **TOL)
+            torch.testing.assert_close(free.pooler_output, ref.pooler_output, **TOL)
+            assert len(free.hidden_states) == len(ref.hidden_states) == config.num_hidden_layers + 1
+            for x, y in zip(free.hidden_states, ref.hidden_states):
+                torch.testing.assert_close(x[real], y[real], **TOL)
+        assert (free.last_hidden_state[~real] == 0).all() and all((h[~real] == 0).all() for h in free.hidden_states)
+        # the padded path keeps transformers' values at the padding positions too
+        torch.testing.assert_close(padded.last_hidden_state, hf.last_hidden_state, **TOL)
+
+
+def test_cpu_padded_where_a_gradient_is_needed_or_padding_is_below_the_threshold(seed, monkeypatch):
+    """The CPU default stays padded, with transformers' values at padding positions, when autograd
+    records (training a model on BertModel's outputs), padding is under the measured threshold, or
+    a sequence does not start with a token (left padding, an empty sequence: the pooler reads
+    position 0)."""
+    from fastbert.model import CPU_INFERENCE_PADDING_FREE_FROM, padding_fraction
+    config = random_config()
+    model = BertModel(config).eval()
+    theirs = _hf_bert_model(model)
+    calls = _count_varlen(monkeypatch)
+    ids, mask, tt, _, _ = make_batch(config, [13, 1, 29, 7])
+    out = model(ids, mask, tt)
+    with torch.no_grad():
+        hf = theirs(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    torch.testing.assert_close(out.last_hidden_state, hf.last_hidden_state, **TOL)
+    assert out.last_hidden_state.requires_grad and not calls
+    lengths = [40] * 12
+    lengths[0] = 39  # 1 padding position in 480
+    ids, mask, tt, _, _ = make_batch(config, lengths)
+    assert 0 < padding_fraction(mask) < CPU_INFERENCE_PADDING_FREE_FROM
+    with torch.inference_mode():
+        out = model(ids, mask, tt)
+        hf = theirs(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+        model(ids, None, tt)  # no mask: no padding
+    torch.testing.assert_close(out.last_hidden_state, hf.last_hidden_state, **TOL)
+    assert not calls
+    # left padding or an empty sequence: transformers' pooler reads position 0, a padding position
+    ids, mask, tt, _, _ = make_batch(config, [13, 1, 29, 7])
+    left = (ids.flip(1), mask.flip(1), tt.flip(1))
+    empty = (ids, mask.clone().index_fill_(0, torch.tensor([1]), 0), tt)
+    eager = _hf_bert_model(model, "eager")  # transformers' sdpa differs from its eager on an empty sequence
+    for ids, mask, tt in (left, empty):
+        with torch.inference_mode():
+            out = model(ids, mask, tt)
+            hf = eager(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+        torch.testing.assert_close(out.pooler_output, hf.pooler_output, **TOL)
+        torch.testing.assert_close(out.last_hidden_state, hf.last_hidden_state, **TOL)
+    assert not calls
+
+
 def test_bert_model_outputs_equal_padded(seed):
     config = random_config()
     padded, free = two_paths(BertModel, config)
