@@ -439,7 +439,11 @@ def test_cpu_varlen_fast_equals_reference(seed, lengths):
         draws = torch.stack([A.attention_varlen(q, k, v, cu, max_len, scale=0.25, dropout_p=0.5, training=True)
                              for _ in range(400)])
     assert not torch.equal(draws[0], draws[1])
-    torch.testing.assert_close(draws.mean(0), ref.detach(), atol=0.25, rtol=0)
+    # each element's mean within 6 standard errors of the reference (a fixed atol failed ~1 run in 8:
+    # a length-1 sequence's output is 0 or 2v, so its mean's error scales with |v|)
+    mean, sem = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+    err = (mean - ref.detach()).abs()
+    assert bool((err <= 6 * sem + 1e-5).all()), float((err / (sem + 1e-12)).max())
 
 
 @pytest.fixture
