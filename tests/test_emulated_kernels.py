@@ -333,11 +333,33 @@ def test_attention_padded_entry_and_empty_sequences(seed, order):
 # ----------------------------------------------------------------------------- the model
 
 
+def _twin_of(name):
+    """The pure-PyTorch twin registered as the CPU kernel of torch.ops.fastbert.<name>."""
+    if name == "cross_entropy_bwd_":
+        return CE.cross_entropy_bwd_inplace_twin
+    for module in ("attention", "bias_dropout_residual_layernorm", "bias_gelu", "cross_entropy",
+                   "embeddings_layernorm_dropout", "gather", "layernorm"):
+        twin = getattr(importlib.import_module(f"fastbert.ops.{module}"), f"{name}_twin", None)
+        if twin is not None:
+            return twin
+    raise AssertionError(f"no twin for {name}")
+
+
 @orders
 def test_tiny_bert_pretraining_forward_backward_equals_twins(seed, order):
-    """BertForPreTraining in bf16 with every op emulated (attention, layernorm, gather, cross-entropy)
-    against the same model on the twins: loss and every gradient within the tolerance rule's spirit
-    (both compared to the fp32 model)."""
+    """BertForPreTraining in bf16 with every op emulated (attention, layernorm, gather, cross-entropy,
+    and the fused bias_gelu, bias_dropout_residual_layernorm, embeddings_layernorm_dropout) against the
+    same model on the twins: loss and every gradient within the tolerance rule's spirit (both compared
+    to the fp32 model).
+
+    The twin model takes the kernels' path (the fused ops, the _Projections node), each op on its twin
+    in place of its emulated kernel, so the two bf16 models differ only in the ops, as the rule wants.
+    The unfused twin model (kernels off) rounds elsewhere in bf16, and that is not the kernels' error:
+    cls.seq_relationship.bias (a sum over 4 rows of bf16 (p - y)/4 terms near 0.1 that cancel to ~5e-3)
+    was off by 7.3e-4 on the fused path on the twins alone, the same as with every kernel emulated,
+    against 2.4e-4 on the unfused path, for seed 4091743212 (3.0x: against the unfused twins, the
+    test's one failure in 120 runs; against the fused twins that gradient's ratio is 1.0 in all 120).
+    test_fused_model.py checks that the two paths compute one function."""
     from bert_inputs import make_batch
     from fastbert import BertConfig, BertForPreTraining
 
@@ -353,44 +375,44 @@ def test_tiny_bert_pretraining_forward_backward_equals_twins(seed, order):
 
     def run(model, emulate):
         model.zero_grad()
-        if emulate:
-            with emulated(order, seed):
-                out = model(ids, mask, tt, labels=labels, next_sentence_label=nsp)
-                out.loss.backward()
-        else:
-            with _backend.kernels(False):
-                out = model(ids, mask, tt, labels=labels, next_sentence_label=nsp)
-                out.loss.backward()
+        with emulated(order, seed) if emulate else _backend.kernels(False):
+            out = model(ids, mask, tt, labels=labels, next_sentence_label=nsp)
+            out.loss.backward()
         return [out.loss.detach()] + [p.grad.detach().clone() for p in model.parameters()]
 
+    from fastbert.ops import OP_NAMES
+    served = [n for n in OP_NAMES if hasattr(_emulator, n)]
     ref = run(model32, False)
-    twin = run(model16, False)
     calls = {}
-    real = {n: getattr(_emulator, n) for n in ("attention_varlen_fwd", "attention_varlen_bwd", "layernorm_fwd",
-                                               "layernorm_bwd", "gather_rows", "scatter_rows", "cross_entropy_fwd",
-                                               "cross_entropy_bwd_", "cross_entropy_bwd")}
-
-    def counting(name):
-        def f(*args):
-            calls[name] = calls.get(name, 0) + 1
-            return real[name](*args)
-        return f
-
     mp = pytest.MonkeyPatch()
-    for name in real:
-        mp.setattr(_emulator, name, counting(name))
     try:
+        for name in served:  # the kernels' path, every op on its twin
+            mp.setattr(_emulator, name, _twin_of(name))
+        twin = run(model16, True)
+        mp.undo()
+        for name in served:  # the kernels' path, every op emulated (counted)
+            def counting(*args, _name=name, _real=getattr(_emulator, name)):
+                calls[_name] = calls.get(_name, 0) + 1
+                return _real(*args)
+            mp.setattr(_emulator, name, counting)
         kern = run(model16, True)
     finally:
         mp.undo()
     # every op ran emulated (the MLM loss' backward is one of the two cross-entropy backwards)
     assert {"attention_varlen_fwd", "attention_varlen_bwd", "layernorm_fwd", "layernorm_bwd", "gather_rows",
-            "scatter_rows", "cross_entropy_fwd"} <= set(calls), calls
+            "scatter_rows", "cross_entropy_fwd", "bias_gelu_fwd", "bias_gelu_bwd",
+            "bias_dropout_residual_layernorm_fwd", "bias_dropout_residual_layernorm_bwd",
+            "embeddings_layernorm_dropout_fwd", "embeddings_layernorm_dropout_bwd"} <= set(calls), calls
     names = ["loss"] + [n for n, _ in model16.named_parameters()]
     failed = []
     for name, k, t, r in zip(names, kern, twin, ref):
         res = compare(name, "tiny bert", torch.bfloat16, k, t, r)
-        # bf16 through a whole model: allow 2x the twin's error plus a bf16 ulp of the value's scale
-        if not (res.kernel_error <= 2 * res.twin_error + 2 ** -8 * float(r.abs().max()) + 1e-4):
+        # bf16 through a whole model: 2x the twin's error plus two bf16 ulps of the value's scale, and
+        # 1e-6 for the key biases, whose gradient is 0 but for rounding (softmax ignores a per-query
+        # shift of the scores; seen ~1e-11, errors up to 7e-8). No absolute 1e-4 floor: the query and
+        # key gradients are ~3e-5 here, so it passed a dq 10% off (errors 12x the twin's, at 3e-6).
+        # Measured over 120 runs (60 seeds x forward, warp): the kernel's error at most 2.6x the
+        # twin's, and past 2x by at most 0.4 ulp of the scale or 3.1e-8 (the key biases).
+        if not (res.kernel_error <= 2 * res.twin_error + 2 ** -7 * float(r.abs().max()) + 1e-6):
             failed.append(res)
     assert not failed, failed
