@@ -489,8 +489,9 @@ def bias_dropout_residual_layernorm_fwd(x, bias, residual, weight, ln_bias, eps,
     return y, h, mean, rstd
 
 
-def bias_dropout_residual_layernorm_bwd(dy, h, mean, rstd, weight, dropout_p, seed, offset):
-    op = "bias_dropout_residual_layernorm_bwd"
+def _bdrln_bwd(op, dy, h, mean, rstd, weight, dropout_p, seed, offset, after_norm):
+    """emu_bdrln_bwd in either mode: (dx or None, dresidual, dweight, dbeta, dbias). after_norm 1 is the
+    embeddings' mode (dropout after the LayerNorm; its input gradient comes back in dresidual, no dx)."""
     _check_cpu(op, dy, h, mean, rstd, weight)
     if dy.shape != h.shape or dy.dtype != h.dtype:
         raise ValueError(f"{op}: dy and h must match in shape and dtype")
@@ -502,13 +503,18 @@ def bias_dropout_residual_layernorm_bwd(dy, h, mean, rstd, weight, dropout_p, se
     weight = _fp32_param(weight, hidden, "weight")
     with _lock:
         partials = _num_partials("emu_bdrln_bwd_num_partials", rows, hidden, dtype)
-        dx, dresidual = torch.empty_like(h), torch.empty_like(h)
+        dx = None if after_norm else torch.empty_like(h)
+        dresidual = torch.empty_like(h)
         workspace = torch.empty((3, partials, hidden))
-        dweight, dln_bias, dbias = (torch.empty(hidden, dtype=grad_dtype) for _ in range(3))
+        dweight, dbeta, dbias = (torch.empty(hidden, dtype=grad_dtype) for _ in range(3))
         _call(op, "emu_bdrln_bwd", _ptr(dy), _ptr(h), _ptr(mean), _ptr(rstd), _ptr(weight), _ptr(dx),
-              _ptr(dresidual), _ptr(workspace), _ptr(dweight), _ptr(dln_bias), _ptr(dbias), rows, hidden,
-              *_row_dropout(dropout_p, seed, offset, op), 0, dtype, _DTYPES[grad_dtype])
-    return dx, dresidual, dweight, dln_bias, dbias
+              _ptr(dresidual), _ptr(workspace), _ptr(dweight), _ptr(dbeta), _ptr(dbias), rows, hidden,
+              *_row_dropout(dropout_p, seed, offset, op), after_norm, dtype, _DTYPES[grad_dtype])
+    return dx, dresidual, dweight, dbeta, dbias
+
+
+def bias_dropout_residual_layernorm_bwd(dy, h, mean, rstd, weight, dropout_p, seed, offset):
+    return _bdrln_bwd("bias_dropout_residual_layernorm_bwd", dy, h, mean, rstd, weight, dropout_p, seed, offset, 0)
 
 
 # ----------------------------------------------------------------------------- embeddings_layernorm_dropout
@@ -535,22 +541,6 @@ def embeddings_layernorm_dropout_fwd(a, b, c, weight, bias, eps, dropout_p, seed
 
 
 def embeddings_layernorm_dropout_bwd(dy, h, mean, rstd, weight, dropout_p, seed, offset):
-    op = "embeddings_layernorm_dropout_bwd"
-    _check_cpu(op, dy, h, mean, rstd, weight)
-    if dy.shape != h.shape or dy.dtype != h.dtype:
-        raise ValueError(f"{op}: dy and h must match in shape and dtype")
-    dtype = _dtype(h, op)
-    hidden = h.shape[-1]
-    rows = h.numel() // hidden
-    dy, h, mean, rstd = dy.contiguous(), h.contiguous(), mean.contiguous(), rstd.contiguous()
-    grad_dtype = weight.dtype if weight is not None else torch.float32  # the binding's: weight's dtype
-    weight = _fp32_param(weight, hidden, "weight")
-    with _lock:
-        partials = _num_partials("emu_bdrln_bwd_num_partials", rows, hidden, dtype)
-        dh = torch.empty_like(h)
-        workspace = torch.empty((3, partials, hidden))
-        dweight, dbias, unused = (torch.empty(hidden, dtype=grad_dtype) for _ in range(3))
-        _call(op, "emu_bdrln_bwd", _ptr(dy), _ptr(h), _ptr(mean), _ptr(rstd), _ptr(weight), None, _ptr(dh),
-              _ptr(workspace), _ptr(dweight), _ptr(dbias), _ptr(unused), rows, hidden,
-              *_row_dropout(dropout_p, seed, offset, op), 1, dtype, _DTYPES[grad_dtype])
+    _, dh, dweight, dbias, _ = _bdrln_bwd("embeddings_layernorm_dropout_bwd", dy, h, mean, rstd, weight, dropout_p,
+                                          seed, offset, 1)
     return dh, dweight, dbias
